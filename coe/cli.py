@@ -1,0 +1,191 @@
+"""The ``coe`` command line: argparse, lazy imports, no logic.
+
+Each subcommand's parser is built by one ``_add_<command>`` function, and its work lives in
+the module named there (imported only when that command runs, so ``coe --help`` is instant).
+
+Exit codes: 0 ok; 2 for config or usage errors (message on stderr); 1 for runtime errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+DEFAULT_CONFIG = "experts.yaml"
+
+
+def _target(spec: str) -> Callable[[argparse.Namespace], int | None]:
+    """Lazily resolve ``"package.module:function"``."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        module, _, func = spec.partition(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def _config_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--config", default=None if required else DEFAULT_CONFIG, required=required, metavar="CFG",
+        help=f"experts.yaml to use (default: {DEFAULT_CONFIG})" if not required else "experts.yaml to use",
+    )
+
+
+# --------------------------------------------------------------------------- routing front
+
+
+def _add_train_router(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-router", help="train the router from the experts' examples and save it")
+    _config_arg(p)
+    p.add_argument("--data", action="append", default=[], metavar="JSONL",
+                   help='extra training rows {"text", "label", optional "topic"} (repeatable)')
+    p.add_argument("--out", default=None, metavar="DIR", help="where to save (default: router.path of the config)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: router.seed of the config)")
+    p.set_defaults(func=_target("routers.commands:train_router"))
+
+
+def _add_route(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("route", help="route messages and print one JSON decision per text")
+    _config_arg(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="messages to route")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="request metadata for rules, e.g. --metadata tenant=acme (repeatable)")
+    p.add_argument("--router-path", default=None, metavar="DIR", help="trained router dir (default: router.path)")
+    p.set_defaults(func=_target("routers.commands:route"))
+
+
+def _add_eval_router(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-router", help="measure routing accuracy (and build/run the CLINC150 benchmark)")
+    p.add_argument("--config", default=None, metavar="CFG", help="experts.yaml with the experts and rules to evaluate")
+    p.add_argument("--train", default=None, metavar="JSONL", help='training rows {"text", "label", optional "topic"}')
+    p.add_argument("--val", default=None, metavar="JSONL", help="validation rows, used to calibrate the threshold")
+    p.add_argument("--test", default=None, metavar="JSONL", help="test rows")
+    p.add_argument("--out", required=True, metavar="DIR", help="report directory")
+    p.add_argument("--router", default="setfit", help="setfit | centroid | logreg | knn | all (default: setfit)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: router.seed of the config)")
+    p.add_argument("--benchmark", default=None, choices=["clinc150"], help="build a benchmark's files and config, then run")
+    p.add_argument("--shots", type=int, default=4, help="benchmark examples per intent (default: 4)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="benchmark source data (default: ../shared/data/<name>)")
+    p.set_defaults(func=_target("eval.harness:main"))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    _config_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing router")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_target("coe.server.app:serve_command"))
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def _add_train_expert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-expert", help="LoRA-train one expert's adapter on the base model")
+    _config_arg(p)
+    p.add_argument("--expert", required=True, help="expert name (sql, json or math for the embedded generators)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the expert recipe's)")
+    p.add_argument("--out", default=None, metavar="DIR", help="adapter output dir (default: adapters/<expert>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_target("train.train_expert:main"))
+
+
+def _add_eval_e2e(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-e2e", help="end-to-end task success: base vs auto routing vs oracle expert")
+    _config_arg(p)
+    p.add_argument("--test", default=None, metavar="JSONL", help="test prompts (default: the seeded held-out sets)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--limit", type=int, default=None, help="prompts per task at most")
+    p.set_defaults(func=_target("eval.e2e:main"))
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (programs that print numbers)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{router,engine,ttft}")
+
+    r = bsub.add_parser("router", help="routing latency p50/p95 and batch throughput")
+    _config_arg(r)
+    r.add_argument("--json", default=None, metavar="OUT.json")
+    r.add_argument("--repeats", type=int, default=200)
+    r.set_defaults(func=_target("routers.bench:main"))
+
+    e = bsub.add_parser("engine", help="engine throughput vs transformers+PEFT")
+    e.add_argument("--model", default=None, help="model dir, hub id or .gguf (default: embedded SmolLM2-135M)")
+    e.add_argument("--json", default=None, metavar="OUT.json")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--new-tokens", type=int, default=64)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    e.set_defaults(func=_target("coe.engine.bench:main"))
+
+    t = bsub.add_parser("ttft", help="routing overhead on time-to-first-token: auto vs explicit expert")
+    _config_arg(t)
+    t.add_argument("--json", default=None, metavar="OUT.json")
+    t.add_argument("--requests", type=int, default=50)
+    t.set_defaults(func=_target("eval.bench_ttft:main"))
+
+
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("soak", help="N concurrent streaming clients against a server for D seconds")
+    _config_arg(p)
+    p.add_argument("--url", default=None, help="existing server base URL (default: start one on loopback)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.set_defaults(func=_target("eval.soak:main"))
+
+
+COMMANDS = (_add_train_router, _add_route, _add_eval_router, _add_serve, _add_train_expert, _add_eval_e2e, _add_bench, _add_soak)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coe",
+        description="coe: Composition-of-Experts LLM server (rules + SetFit routing over multi-LoRA experts).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from coe.errors import CoeError, ConfigError
+
+    try:
+        rc = args.func(args)
+    except ConfigError as exc:
+        print(f"coe {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except CoeError as exc:
+        print(f"coe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"coe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Multi-LoRA kernels (being written)."""
