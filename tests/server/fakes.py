@@ -62,6 +62,7 @@ class FakeEngine:
         self.adapters = {e.name: Info(e.name, e.adapter) for e in config.experts if e.adapter is not None}
         self.calls: list[dict[str, Any]] = []
         self.running = 0
+        self.peak_running = 0
         self.cancelled = 0
         self.finished = 0
         self.shutdown_called = False
@@ -109,6 +110,7 @@ class FakeEngine:
             if self.running >= self.max_running:
                 raise QueueFull("the engine queue is full (fake)", retry_after_s=2)
             self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
         done = False
         try:
             words = self._words(prompt, messages, adapter)
