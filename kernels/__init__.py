@@ -1,42 +1,184 @@
-"""coe's multi-LoRA kernels (draft: API stable, torch path being tuned)."""
+"""coe's multi-LoRA kernels: many adapters applied to one batch in a fixed number of ops.
+
+Every LoRA linear of the engine adds ``scale * B[s] @ (A[s] @ x[t])`` to its base output for the
+adapter slot ``s`` of each token ``t``. ``add_lora`` does this for one projection and
+``add_lora_packed`` for packed projections (q/k/v, gate/up) that share one input, reading it once.
+Tokens are grouped by slot once per step in a ``LoRAMeta`` that every layer reuses; a step where
+no token has an adapter returns at once (``meta.any_lora`` is a host bool, so there is no sync).
+
+Backends (``kernels/README.md`` has the measurements):
+    ``"torch"``      production path on CPU (and fallback on GPU): ``kernels.torch_ops``.
+    ``"triton"``     fused gathered shrink/expand GPU kernels: ``kernels.triton_ops``. Also runs on
+                     CPU tensors under ``TRITON_INTERPRET=1`` (slowly: for tests only).
+    ``"reference"``  float64 per-token oracle: ``kernels.reference``.
+The default (``backend=None``) is chosen once, on first use: "triton" if CUDA and Triton are
+available, else "torch"; CPU tensors always go to "torch" under the default. Override it per
+call with ``backend=`` or for the process with :func:`set_backend` (tests do).
+
+This package knows nothing about models, adapters on disk, or slot allocation: the engine stacks
+adapter weights into ``A``/``B`` slot tensors and maps tokens to slots.
+
+Example:
+    >>> import torch
+    >>> from kernels import add_lora, LoRAMeta
+    >>> T, S, r, d_in, d_out = 3, 2, 4, 8, 6
+    >>> x, y = torch.randn(T, d_in), torch.zeros(T, d_out)
+    >>> A, B = torch.randn(S, r, d_in), torch.randn(S, d_out, r)
+    >>> meta = LoRAMeta.build(torch.tensor([1, -1, 0]), num_slots=S)
+    >>> y = add_lora(y, x, A, B, meta, 0.5)
+    >>> bool(y[1].eq(0).all())   # token 1 has no adapter: untouched
+    True
+"""
 
 from __future__ import annotations
 
 import torch
 
+from kernels import torch_ops
 from kernels.checks import check_args
 from kernels.meta import LoRAMeta
 
-__all__ = ["add_lora", "add_lora_packed", "LoRAMeta", "set_backend", "get_backend"]
+__all__ = ["add_lora", "add_lora_packed", "LoRAMeta", "set_backend", "get_backend", "BACKENDS"]
 
-_BACKENDS = ("reference", "torch", "triton")
-_override: str | None = None
+BACKENDS = ("reference", "torch", "triton")
+
+_override: str | None = None  # set_backend()
+_auto: str | None = None  # resolved once, on first use
 
 
 def set_backend(name: str | None) -> None:
-    if name is not None and name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} or None; got {name!r}")
+    """Force one backend for every call that passes ``backend=None`` (``None`` restores auto).
+
+    Args:
+        name: ``"reference"``, ``"torch"``, ``"triton"`` or ``None``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {name!r}")
     _override = name
 
 
-def get_backend(device=None) -> str:
+def get_backend() -> str:
+    """The backend ``backend=None`` resolves to for CUDA tensors (CPU tensors use "torch" under auto)."""
+    global _auto
     if _override is not None:
         return _override
-    return "torch"
+    if _auto is None:
+        _auto = "torch"
+        if torch.cuda.is_available():
+            try:
+                import triton  # noqa: F401
+
+                _auto = "triton"
+            except ImportError:
+                pass
+    return _auto
 
 
-def add_lora_packed(y, x, A, B, slots_or_meta, scale, output_slices, backend=None):
-    meta, output_slices, rank = check_args(y, x, A, B, slots_or_meta, scale, output_slices)
+def add_lora_packed(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots_or_meta: torch.Tensor | LoRAMeta,
+    scale: float | torch.Tensor,
+    output_slices: tuple[int, ...] | list[int],
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Add the LoRA deltas of packed projections (q/k/v or gate/up) into ``y``, in place.
+
+    The ``n = len(output_slices)`` projections share the input ``x``; each has its own rank-``r``
+    A and B. The shrink of all slices is one ``[n*r, d_in]`` matmul per token group (x is read
+    once), and each slice's expand adds into its column range of ``y``.
+
+    Semantics:
+        for t in range(T):
+            s = slots[t]
+            if s < 0: continue                                  # row t of y untouched
+            for i, d in enumerate(output_slices):
+                off = sum(output_slices[:i])
+                h = A[s, i*r:(i+1)*r, :] @ x[t]                  # [r], fp32 accumulation
+                y[t, off:off+d] += scale[i, s] * B[s, off:off+d, :] @ h
+
+    Args:
+        y: [T, sum(output_slices)], the base output; updated in place. May be a strided view.
+        x: [T, d_in], the layer input.
+        A: [S, n*r, d_in], stacked slots; slice i's A is rows ``i*r:(i+1)*r``. Ranks below r are
+            zero-padded.
+        B: [S, sum(output_slices), r]; slice i's B is rows ``off_i:off_i+d_i``.
+        slots_or_meta: the step's ``LoRAMeta`` (build once per step: cheapest), or an int tensor
+            [T] of slots (-1 = no adapter), from which one is built on the spot.
+        scale: a float, a tensor [S] (per slot), or a tensor [n, S] (per slice and slot).
+        output_slices: the widths ``d_i`` of the packed projections, e.g. (576, 192, 192).
+        backend: None (auto), "reference", "torch" or "triton".
+
+    Returns:
+        ``y``, the same tensor, updated.
+
+    Raises:
+        ValueError: a shape, dtype or device mismatch, or a slot outside [-1, S), naming the
+            tensor and the shapes seen.
+    """
+    meta, output_slices, _ = check_args(y, x, A, B, slots_or_meta, scale, output_slices)
     if not meta.any_lora:
         return y
-    name = backend or get_backend(y.device)
-    if name == "reference":
+    return _dispatch(backend, y).add_lora_packed(y, x, A, B, meta, scale, output_slices)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots_or_meta: torch.Tensor | LoRAMeta,
+    scale: float | torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Add each token's adapter delta ``scale[s] * B[s] @ (A[s] @ x[t])`` into ``y``, in place.
+
+    Semantics:
+        for t in range(T):
+            s = slots[t]
+            if s >= 0:
+                y[t] += scale[s] * B[s] @ (A[s] @ x[t])         # fp32 accumulation
+        # rows with s == -1 are untouched; all -1 is a no-op
+
+    Args:
+        y: [T, d_out], the base output; updated in place. May be a strided view.
+        x: [T, d_in].
+        A: [S, r, d_in], stacked adapter slots, ranks zero-padded to r.
+        B: [S, d_out, r].
+        slots_or_meta: the step's ``LoRAMeta``, or an int tensor [T] of slots (-1 = no adapter).
+        scale: a float, or a tensor [S] (``lora_alpha / r`` per slot, or rsLoRA's ``alpha / sqrt(r)``).
+        backend: None (auto), "reference", "torch" or "triton".
+
+    Returns:
+        ``y``, the same tensor, updated.
+
+    Raises:
+        ValueError: a shape, dtype or device mismatch, or a slot outside [-1, S).
+    """
+    meta, output_slices, _ = check_args(y, x, A, B, slots_or_meta, scale, None)
+    if not meta.any_lora:
+        return y
+    return _dispatch(backend, y).add_lora_packed(y, x, A, B, meta, scale, output_slices)
+
+
+def _dispatch(backend: str | None, y: torch.Tensor):
+    """The backend module for this call (each exposes ``add_lora_packed`` with one signature)."""
+    if backend is None:
+        backend = _override if _override is not None else (get_backend() if y.is_cuda else "torch")
+    if backend == "torch":
+        return torch_ops
+    if backend == "triton":
+        from kernels import triton_ops
+
+        return triton_ops
+    if backend == "reference":
         from kernels import reference
-        return reference.add_lora_packed(y, x, A, B, meta.slots, scale, output_slices)
-    from kernels import torch_ops
-    return torch_ops.add_lora_packed(y, x, A, B, meta, scale, output_slices, rank)
 
-
-def add_lora(y, x, A, B, slots_or_meta, scale, backend=None):
-    return add_lora_packed(y, x, A, B, slots_or_meta, scale, None, backend)
+        return reference
+    raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")

@@ -59,16 +59,17 @@ def lora_delta(
     return delta
 
 
-def add_lora(y, x, A, B, slots, scale):
+def add_lora(y, x, A, B, slots_or_meta, scale):
     """``add_lora`` computed by the oracle (float64, then rounded once into ``y``'s dtype).
 
     Same contract as :func:`kernels.add_lora`; rows whose slot is -1 are left bit-identical.
     """
-    return add_lora_packed(y, x, A, B, slots, scale, (B.shape[1],))
+    return add_lora_packed(y, x, A, B, slots_or_meta, scale, (B.shape[1],))
 
 
-def add_lora_packed(y, x, A, B, slots, scale, output_slices):
+def add_lora_packed(y, x, A, B, slots_or_meta, scale, output_slices):
     """``add_lora_packed`` computed by the oracle; same contract as :func:`kernels.add_lora_packed`."""
+    slots = slots_or_meta if isinstance(slots_or_meta, torch.Tensor) else slots_or_meta.slots
     slots_host = slots.detach().to("cpu", torch.int64)
     rows = torch.nonzero(slots_host >= 0).flatten()
     if rows.numel() == 0:
