@@ -70,6 +70,13 @@ def _add_eval_router(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmark", default=None, choices=["clinc150"], help="build a benchmark's files and config, then run")
     p.add_argument("--shots", type=int, default=4, help="benchmark examples per intent (default: 4)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="benchmark source data (default: ../shared/data/<name>)")
+    p.add_argument("--oos-train", type=int, default=0, metavar="N",
+                   help="benchmark: oos_train rows added as examples of the fallback expert (default: 0)")
+    p.add_argument("--min-acceptance", type=float, default=0.95, metavar="A",
+                   help="threshold calibration on --val: the highest threshold keeping this share of in-scope "
+                        "rows routed to an expert (default: 0.95)")
+    p.add_argument("--latency-samples", type=int, default=200, metavar="N",
+                   help="single-message decisions timed for the latency percentiles (default: 200)")
     p.set_defaults(func=_target("eval.harness:main"))
 
 
