@@ -141,7 +141,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t = bsub.add_parser("ttft", help="routing overhead on time-to-first-token: auto vs explicit expert")
     _config_arg(t)
     t.add_argument("--json", default=None, metavar="OUT.json")
-    t.add_argument("--requests", type=int, default=50)
+    t.add_argument("--requests", type=int, default=50, help="auto/explicit pairs to time (default: 50)")
+    t.add_argument("--max-tokens", type=int, default=1, help="tokens per request (default: 1)")
+    t.add_argument("--url", default=None, help="a running server's /v1 URL (default: start one in-process)")
     t.set_defaults(func=_target("eval.bench_ttft:main"))
 
 
