@@ -22,7 +22,6 @@ import os
 import sys
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio

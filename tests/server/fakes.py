@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from coe.config import CoeConfig, config_from_dict
-from coe.errors import AdapterNotFound, ContextTooLong, QueueFull, UnknownModel
+from coe.errors import AdapterNotFound, QueueFull, UnknownModel
 from coe.types import RouteContext, RouteDecision, last_user_text
 
 
@@ -171,7 +170,7 @@ class FakeChain:
             if expert in names and any(k in words for k in keys):
                 scores = {n: (0.9 if n == expert else 0.1 / (len(names) - 1)) for n in names}
                 return RouteDecision(expert=expert, source="router", score=0.9, scores=scores,
-                                     reason=f"router score 0.90 >= threshold 0.50")
+                                     reason="router score 0.90 >= threshold 0.50")
         scores = {n: 1.0 / len(names) for n in names}
         return RouteDecision(expert=self.config.router.fallback, source="fallback", score=max(scores.values()),
                              scores=scores, reason="top score below threshold 0.50")

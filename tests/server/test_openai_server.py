@@ -10,8 +10,6 @@ checked exactly: a request's text must equal the same request served alone.
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 
 import httpx
 import openai
