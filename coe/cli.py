@@ -90,6 +90,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing router")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--print-vllm-command", action="store_true",
+                   help="print the `vllm serve` command matching the config (for base_model.backend: remote) and exit")
     p.set_defaults(func=_target("coe.server.app:serve_command"))
 
 

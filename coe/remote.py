@@ -313,6 +313,45 @@ class RemoteBackend:
             await client.aclose()
 
 
+# --------------------------------------------------------------------------- vLLM
+
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def vllm_command(config: CoeConfig, port: int = 8001) -> str:
+    """The ``vllm serve`` command line that serves what ``config`` declares, for ``backend: remote``.
+
+    Each expert with an adapter becomes ``--lora-modules <expert>=<adapter>`` (local dirs made
+    absolute), the base model is served under coe's ``served_id``, and runtime adapter loading
+    is enabled so coe's admin API can forward ``load_lora_adapter``.
+
+    Args:
+        config: the experts.yaml to mirror.
+        port: the port vLLM listens on.
+    """
+    b = config.base_model
+    model = b.model or SMOLLM2_HUB_ID  # the embedded GGUF's original weights on the hub
+    if b.model and config.resolve_path(b.model).exists():
+        model = str(config.resolve_path(b.model))
+    modules = []
+    for e in config.experts:
+        if e.adapter is None:
+            continue
+        local = config.resolve_path(e.adapter)
+        modules.append(f"{e.name}={local if local.exists() or e.adapter.startswith(('.', '/', '~')) else e.adapter}")
+    parts = [
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 vllm serve", model,
+        f"--served-model-name {b.served_id}",
+        f"--max-model-len {config.serving.max_seq_len}",
+    ]
+    if modules:
+        parts += ["--enable-lora", f"--max-loras {config.serving.max_loras}",
+                  f"--max-lora-rank {config.serving.max_lora_rank}", "--lora-modules " + " ".join(modules)]
+    parts.append(f"--port {port}")
+    return " \\\n    ".join(parts)
+
+
 # --------------------------------------------------------------------------- parsing
 
 

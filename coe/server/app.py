@@ -170,6 +170,11 @@ def serve_command(args: argparse.Namespace) -> int:
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.getLogger("coe").setLevel(level)
     cfg = load_config(args.config)
+    if getattr(args, "print_vllm_command", False):
+        from coe.remote import vllm_command
+
+        print(vllm_command(cfg))
+        return 0
     say = lambda msg: print(f"coe serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"config {cfg.source_path}: {len(cfg.experts)} experts, router {cfg.router.type}, "
         f"backend {cfg.base_model.backend}")

@@ -23,6 +23,14 @@ for _p in (_HERE, _HERE.parent, _HERE.parent.parent):
 from fakes import FakeChain, FakeEngine, fake_config  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny model, its ``sql``/``json`` adapters and an experts.yaml (built once per session)."""
+    from tiny import tiny_assets
+
+    return tiny_assets(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture
 def fake_setup(tmp_path):
     """``(config, engine, pipeline)`` over the fakes."""

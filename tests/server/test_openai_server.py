@@ -17,15 +17,10 @@ import pytest
 
 from coe.server.app import create_app
 from live import LiveServer
-from tiny import TINY_MODEL_ID, make_tiny_adapter, tiny_assets, tiny_experts_yaml
+from tiny import TINY_MODEL_ID, make_tiny_adapter, tiny_experts_yaml
 
 SQL_TEXT = "SELECT name FROM users WHERE id = 3"  # the sql-statement rule fires
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_assets(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -150,3 +150,15 @@ def test_list_and_admin_forwarding(tmp_path):
     b.unload_adapter("pirate")
     assert posted == [("/v1/load_lora_adapter", {"lora_name": "pirate", "lora_path": "/srv/pirate"}),
                       ("/v1/unload_lora_adapter", {"lora_name": "pirate"})]
+
+
+def test_vllm_command_mirrors_the_config(tmp_path):
+    from coe.remote import vllm_command
+
+    (tmp_path / "adapters" / "sql").mkdir(parents=True)
+    cfg = remote_config(tmp_path)
+    cmd = vllm_command(cfg, port=9000)
+    assert "--served-model-name base-llm" in cmd and "--enable-lora" in cmd and "--port 9000" in cmd
+    assert f"--lora-modules sql={tmp_path / 'adapters' / 'sql'}" in cmd
+    assert "general=" not in cmd  # no adapter, served by the base model
+    assert "--max-lora-rank 64" in cmd and "--max-loras 8" in cmd

@@ -13,9 +13,8 @@ import time
 
 import openai
 import pytest
-import yaml
 
-from tiny import tiny_assets
+from tiny import tiny_experts_yaml
 
 COE = [sys.executable, "-m", "coe.cli"]
 
@@ -33,21 +32,18 @@ def test_bad_config_exits_2(tmp_path):
     assert "adapterr" in r.stderr and "did you mean 'adapter'" in r.stderr
 
 
-def test_missing_router_with_no_train_exits_1(tmp_path):
-    assets = tiny_assets(tmp_path)
-    r = run_coe("serve", "--config", str(assets.config_path), "--no-train")
+def test_missing_router_with_no_train_exits_1(tmp_path, tiny):
+    path = tiny_experts_yaml(tmp_path, tiny.model_dir, tiny.adapters)  # its router.path is empty
+    r = run_coe("serve", "--config", str(path), "--no-train")
     assert r.returncode == 1
     assert "coe train-router" in r.stderr and "no trained router" in r.stderr
 
 
 @pytest.mark.slow
-def test_serve_prints_ready_serves_and_stops_on_sigterm(tmp_path):
-    assets = tiny_assets(tmp_path)
+def test_serve_prints_ready_serves_and_stops_on_sigterm(tmp_path, tiny):
     # no router to train: the rules and the fallback decide (keeps this test fast)
-    cfg = yaml.safe_load(assets.config_path.read_text())
-    cfg["router"]["type"] = "none"
-    assets.config_path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([*COE, "serve", "--config", str(assets.config_path), "--port", "0"],
+    path = tiny_experts_yaml(tmp_path, tiny.model_dir, tiny.adapters, router="none")
+    proc = subprocess.Popen([*COE, "serve", "--config", str(path), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     stderr: list[str] = []
