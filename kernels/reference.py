@@ -1,7 +1,7 @@
 """The float64 oracle for the multi-LoRA ops: slow, obvious, and the ground truth of the tests.
 
-Every token is handled on its own with an einsum over its own slot's A and B, in float64, so
-there is no grouping, sorting, tiling or accumulation-order subtlety to get wrong. Nothing here
+Every token is handled on its own with an einsum over its own copy of its slot's A and B, in
+float64, so there is no grouping, sorting, tiling or accumulation-order subtlety to get wrong. Nothing here
 is meant to be fast; the production paths are ``torch_ops`` (CPU) and ``triton_ops`` (GPU).
 """
 
@@ -47,15 +47,14 @@ def lora_delta(
     scales = _scale_table(scale, num_slices, num_slots)
     x64, A64, B64 = (t.detach().to("cpu", torch.float64) for t in (x, A, B))
     slots_host = slots.detach().to("cpu", torch.int64)
+    rows = torch.nonzero(slots_host >= 0).flatten()
+    s = slots_host[rows]  # each row's own slot: gathered per token, no grouping
     delta = torch.zeros(x.shape[0], sum(output_slices), dtype=torch.float64)
-    for t, s in enumerate(slots_host.tolist()):
-        if s < 0:
-            continue
-        off = 0
-        for i, d in enumerate(output_slices):
-            h = torch.einsum("rk,k->r", A64[s, i * rank : (i + 1) * rank], x64[t])
-            delta[t, off : off + d] = scales[i, s] * torch.einsum("jr,r->j", B64[s, off : off + d], h)
-            off += d
+    off = 0
+    for i, d in enumerate(output_slices):
+        h = torch.einsum("trk,tk->tr", A64[s, i * rank : (i + 1) * rank], x64[rows])  # [N, r]
+        delta[rows, off : off + d] = scales[i, s].unsqueeze(1) * torch.einsum("tjr,tr->tj", B64[s, off : off + d], h)
+        off += d
     return delta
 
 

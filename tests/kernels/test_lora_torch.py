@@ -1,0 +1,145 @@
+"""The torch backend (the CPU production path) against the float64 oracle, over every strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lora_cases import Problem, slot_pattern
+
+from kernels import LoRAMeta, add_lora, add_lora_packed, torch_ops
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+@pytest.mark.parametrize("rank", [4, 8, 16, 64])
+@pytest.mark.parametrize("pattern", ["none", "one", "all_same", "many", "skewed"])
+def test_add_lora_matches_reference(T, rank, pattern):
+    S = 5
+    slots = slot_pattern(pattern, T, S, seed=T + rank)
+    # d not a multiple of any tile or vector width
+    p = Problem(T, S, rank, d_in=129, output_slices=(77,), slots=slots, scale="slot", seed=rank)
+    y = p.y.clone()
+    out = add_lora(y, p.x, p.A, p.B, slots, p.scale, backend="torch")
+    assert out is y
+    p.check(y)
+
+
+def test_odd_hidden_size_2049():
+    slots = torch.tensor([0, -1, 2, 2, 1, 0, -1])
+    p = Problem(7, 3, 16, d_in=2049, output_slices=(2049,), slots=slots)
+    y = p.y.clone()
+    add_lora(y, p.x, p.A, p.B, slots, p.scale, backend="torch")
+    p.check(y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", ["float", "slot", "slice"])
+@pytest.mark.parametrize("pattern", ["one", "many", "skewed"])
+def test_packed_unequal_slices(dtype, scale, pattern):
+    # q/k/v of a GQA model: k and v narrower than q
+    slots = slot_pattern(pattern, 40, 4, seed=3)
+    p = Problem(40, 4, 8, d_in=96, output_slices=(96, 32, 32), slots=slots, dtype=dtype, scale=scale)
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
+    p.check(y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_single_slot_paths(dtype):
+    for slots in (torch.full((9,), 2), torch.tensor([2, -1, 2, 2, -1, 2, 2, 2, 2]), torch.tensor([-1] * 8 + [2])):
+        p = Problem(9, 3, 16, d_in=64, output_slices=(48, 16), slots=slots, dtype=dtype, scale="slice")
+        y = p.y.clone()
+        add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
+        p.check(y)
+
+
+# Each strategy of the torch path, with the mapping that selects it.
+PLAN_CASES = {
+    "single, every token": ("single", [1, 1, 1, 1, 1, 1]),
+    "single, masked -1 rows": ("single", [1, -1, 1, 1, 1, 1]),
+    "single, gathered rows": ("single", [-1, -1, -1, -1, 1, -1]),
+    "padded, all slots active": ("padded", [0, 1, 2, 3, 3, 2, 1, 0]),
+    "padded, some slots active": ("padded", [3, -1, 1, 3, 1, 1, -1, 3]),
+    "group, skewed counts": ("group", [0] * 20 + [1, 2, -1]),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES))
+@pytest.mark.parametrize("scale", ["float", "slot", "slice"])
+def test_each_strategy(case, scale):
+    strategy, slots = PLAN_CASES[case]
+    slots = torch.tensor(slots)
+    meta = LoRAMeta.build(slots, 4)
+    assert torch_ops.plan(meta) == strategy
+    p = Problem(len(slots), 4, 8, d_in=33, output_slices=(20, 9, 9), slots=slots, scale=scale)
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, meta, p.scale, p.output_slices, backend="torch")
+    p.check(y)
+
+
+def test_meta_reused_across_layers_shapes_and_dtypes():
+    # one meta per step serves every layer: different widths, ranks, slices and dtypes
+    slots = torch.tensor([2, 0, -1, 2, 1, 0, 2])
+    meta = LoRAMeta.build(slots, 3)
+    for i, (d_in, slices, rank, dtype) in enumerate(
+        [(16, (16, 8, 8), 4, torch.float32), (16, (16,), 8, torch.float32), (24, (40, 40), 16, torch.float16),
+         (40, (24,), 4, torch.bfloat16), (16, (16, 8, 8), 4, torch.float32)]
+    ):  # fmt: skip
+        p = Problem(7, 3, rank, d_in, slices, slots, dtype=dtype, scale="slot", seed=i)
+        y = p.y.clone()
+        add_lora_packed(y, p.x, p.A, p.B, meta, p.scale, slices, backend="torch")
+        p.check(y)
+
+
+@pytest.mark.parametrize("pattern", ["one", "many", "skewed"])
+def test_permuting_tokens_permutes_the_result(pattern):
+    T, S = 50, 4
+    slots = slot_pattern(pattern, T, S, seed=5)
+    p = Problem(T, S, 8, d_in=40, output_slices=(30, 10), slots=slots, scale="slice")
+    y = add_lora_packed(p.y.clone(), p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(1))
+    y_perm = add_lora_packed(p.y[perm].clone(), p.x[perm], p.A, p.B, slots[perm], p.scale, p.output_slices, backend="torch")
+    torch.testing.assert_close(y_perm, y[perm], atol=1e-6, rtol=1e-6)
+
+
+def test_no_adapter_step_is_a_no_op():
+    slots = torch.full((6,), -1)
+    meta = LoRAMeta.build(slots, 2)
+    assert meta.any_lora is False
+    p = Problem(6, 2, 4, d_in=8, output_slices=(8,), slots=slots)
+    y = p.y.clone()
+    assert add_lora(y, p.x, p.A, p.B, meta, 2.0, backend="torch") is y
+    assert torch.equal(y, p.y)
+
+
+def test_strided_views_of_y_and_x():
+    # y as a column range of a fused output, x as a column range of a wider activation
+    slots = torch.tensor([1, -1, 0, 1, 1])
+    p = Problem(5, 2, 4, d_in=12, output_slices=(10, 6), slots=slots, scale="slice")
+    big_y = torch.randn(5, 30)
+    big_y[:, 7:23] = p.y
+    big_x = torch.randn(5, 20)
+    big_x[:, 3:15] = p.x
+    before = big_y.clone()
+    add_lora_packed(big_y[:, 7:23], big_x[:, 3:15], p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
+    p.check(big_y[:, 7:23])
+    assert torch.equal(big_y[:, :7], before[:, :7]) and torch.equal(big_y[:, 23:], before[:, 23:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(1, 24),
+    S=st.integers(1, 6),
+    rank=st.sampled_from([1, 4, 8]),
+    d_in=st.integers(1, 40),
+    slices=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+    scale=st.sampled_from(["float", "slot", "slice"]),
+    data=st.data(),
+)
+def test_random_problems(T, S, rank, d_in, slices, scale, data):
+    slots = torch.tensor(data.draw(st.lists(st.integers(-1, S - 1), min_size=T, max_size=T)))
+    p = Problem(T, S, rank, d_in, slices, slots, scale=scale)
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
+    p.check(y)
