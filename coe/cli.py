@@ -128,6 +128,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _config_arg(r)
     r.add_argument("--json", default=None, metavar="OUT.json")
     r.add_argument("--repeats", type=int, default=200)
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, i.e. the core count)")
+    r.add_argument("--router-path", default=None, metavar="DIR", help="trained router dir (default: router.path)")
     r.set_defaults(func=_target("routers.bench:main"))
 
     e = bsub.add_parser("engine", help="engine throughput vs transformers+PEFT")

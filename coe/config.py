@@ -102,7 +102,24 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class RouterTrainingConfig:
-    """Training settings of the learned routers (SetFit and the embedding baselines)."""
+    """Training settings of the learned routers (SetFit and the embedding baselines).
+
+    Args:
+        num_iterations: SetFit contrastive pairs generated per example (SetFit's own knob).
+        num_epochs: SetFit body fine-tuning epochs.
+        batch_size: SetFit pairs per step.
+        body_learning_rate: SetFit body learning rate.
+        head_learning_rate: SetFit differentiable-head learning rate (``end_to_end`` only).
+        sampling_strategy: SetFit pair sampling.
+        max_steps: cap on SetFit body steps (-1: no cap).
+        max_length: tokens per message seen by the body, in training and routing.
+        end_to_end: SetFit with a differentiable torch head trained end to end.
+        use_topics: train on ``expert::topic`` classes and sum them per expert.
+        show_progress: tqdm bars while training and encoding.
+        logreg_c: inverse L2 strength of the logistic-regression heads (SetFit, ``logreg``).
+        temperature: softmax temperature over cosine similarities (``centroid``, ``knn``).
+        knn_k: neighbours that vote in the ``knn`` router.
+    """
 
     num_iterations: int | None = 20
     num_epochs: int = 1
@@ -111,10 +128,13 @@ class RouterTrainingConfig:
     head_learning_rate: float = 1e-2
     sampling_strategy: Literal["oversampling", "undersampling", "unique"] = "oversampling"
     max_steps: int = -1
-    max_length: int = 64
+    max_length: int = 128
     end_to_end: bool = False
     use_topics: bool = True
     show_progress: bool = True
+    logreg_c: float = 1.0
+    temperature: float = 0.05
+    knn_k: int = 5
 
 
 @dataclass(frozen=True)
@@ -597,8 +617,16 @@ def _validate(cfg: CoeConfig) -> None:
                 param="router.type",
             )
     t = r.training
-    for fname, lo in (("num_epochs", 1), ("batch_size", 1), ("max_length", 8)):
+    for fname, lo in (("num_epochs", 1), ("batch_size", 1), ("max_length", 8), ("knn_k", 1)):
         _range_error(getattr(t, fname), f"router.training.{fname}", lo, None)
+    if t.num_iterations is not None:
+        _range_error(t.num_iterations, "router.training.num_iterations", 1, None)
+    for fname in ("logreg_c", "temperature", "body_learning_rate", "head_learning_rate"):
+        if getattr(t, fname) <= 0:
+            raise ConfigError(
+                f"router.training.{fname}: {getattr(t, fname)!r} is out of range; expected a value > 0",
+                param=f"router.training.{fname}",
+            )
 
     for i, rule in enumerate(cfg.rules):
         where = f"rules[{i}]"

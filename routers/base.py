@@ -7,7 +7,11 @@ is compared on equal terms by the evaluation harness.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -57,3 +61,33 @@ class Router(Protocol):
         ...
 
     def save(self, path: str) -> None: ...
+
+
+INFO_FILE = "router.json"
+"""Every saved router dir has this file: its ``RouterInfo``, so loading knows the kind."""
+
+
+def save_info(path: str | os.PathLike[str], info: RouterInfo) -> None:
+    """Write ``info`` as ``<path>/router.json`` (creating ``path``)."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    data = dataclasses.asdict(info)
+    data["experts"] = list(info.experts)
+    (p / INFO_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_info(path: str | os.PathLike[str]) -> RouterInfo:
+    """Read ``<path>/router.json``.
+
+    Raises:
+        FileNotFoundError: there is no ``router.json`` in ``path``.
+        ValueError: the file is not a valid RouterInfo.
+    """
+    f = Path(path) / INFO_FILE
+    data = json.loads(f.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not isinstance(data.get("experts"), list):
+        raise ValueError(f"{f}: expected an object with a string 'kind' and a list 'experts'")
+    known = {fl.name for fl in dataclasses.fields(RouterInfo)}
+    data = {k: v for k, v in data.items() if k in known}
+    data["experts"] = tuple(str(e) for e in data["experts"])
+    return RouterInfo(**data)

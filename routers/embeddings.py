@@ -1,0 +1,142 @@
+"""Sentence embeddings for the routers: body resolution, a per-process body cache, fast encode.
+
+- ``resolve_body`` turns ``router.body`` (``null``, a config-relative dir, or a hub id) into
+  something ``SentenceTransformer`` can load, and ``body_spec`` into the portable string a
+  saved router records (the embedded default is stored as ``embedded:all-MiniLM-L6-v2``, not
+  as a site-packages path, so a router survives a fresh venv).
+- ``shared_body`` caches frozen bodies per path, so several routers (centroid, logreg, kNN,
+  an eval sweep) never load the same model twice in one process. SetFit fine-tunes its body,
+  so it loads its own copy and never uses this cache.
+- ``encode`` is the inference path every router shares: it calls the body's modules directly
+  under ``torch.inference_mode`` instead of ``SentenceTransformer.encode``, whose per-call
+  bookkeeping (modality inference, sorting, progress plumbing, conversions) costs more than
+  the forward pass for one short message. Routing latency is dominated by this function.
+
+This module knows sentence-transformers and torch; it knows nothing about experts or labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from coe.config import CoeConfig
+from coe.embedded import embedded_body_path
+from coe.errors import RouterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_BODY = "embedded:all-MiniLM-L6-v2"
+"""How a saved router records that it was trained on the embedded default body."""
+
+_cache: dict[str, "SentenceTransformer"] = {}
+_cache_lock = threading.Lock()
+
+
+def body_spec(config: CoeConfig) -> str:
+    """The portable name of the config's body: ``EMBEDDED_BODY``, an absolute dir, or a hub id."""
+    body = config.router.body
+    if body is None:
+        return EMBEDDED_BODY
+    local = config.resolve_path(body)
+    return str(local) if local.exists() else body
+
+
+def resolve_body(spec: str) -> str:
+    """What ``SentenceTransformer(...)`` loads for a ``body_spec`` string."""
+    return embedded_body_path() if spec == EMBEDDED_BODY else spec
+
+
+def load_body(spec: str) -> "SentenceTransformer":
+    """Load a fresh (trainable) copy of the body named by ``spec`` on the CPU.
+
+    Raises:
+        RouterError: the body cannot be loaded (missing dir, unknown hub id while offline).
+    """
+    from sentence_transformers import SentenceTransformer
+
+    target = resolve_body(spec)
+    try:
+        return SentenceTransformer(target, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - ST raises many types (OSError, ValueError, HF errors)
+        hint = "" if Path(target).exists() else " (not a local dir; as a hub id it must be in the local HF cache, since coe runs offline)"
+        raise RouterError(
+            f"router.body: cannot load sentence-transformers model {target!r}{hint}: {exc}; "
+            "set router.body to a sentence-transformers dir or null for the embedded all-MiniLM-L6-v2",
+            param="router.body",
+        ) from exc
+
+
+def shared_body(spec: str) -> "SentenceTransformer":
+    """The process-wide frozen copy of the body named by ``spec`` (loaded once, in eval mode)."""
+    with _cache_lock:
+        body = _cache.get(spec)
+        if body is None:
+            body = load_body(spec)
+            body.eval()
+            _cache[spec] = body
+        return body
+
+
+def embedding_dim(body: "SentenceTransformer") -> int:
+    """The body's output dimension (the method was renamed in sentence-transformers 6)."""
+    get = getattr(body, "get_embedding_dimension", None) or body.get_sentence_embedding_dimension
+    return int(get() or 0)
+
+
+def encode(
+    body: "SentenceTransformer",
+    texts: Sequence[str],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Embed ``texts`` with ``body`` (its own pooling and normalization modules included).
+
+    Args:
+        body: a sentence-transformers model.
+        texts: the texts; may be empty.
+        max_length: token limit per text (``None``: the body's ``max_seq_length``).
+        batch_size: texts per forward pass; batches are formed after sorting by length so
+            padding stays small.
+        show_progress: a tqdm bar over batches (for training sets, not per request).
+
+    Returns:
+        ``[len(texts), dim]`` float32 embeddings, in the order of ``texts``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    dim = embedding_dim(body)
+    if not texts:
+        return np.zeros((0, dim), dtype=np.float32)
+    texts = [str(t) for t in texts]
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    previous = body.max_seq_length
+    if max_length is not None:
+        body.max_seq_length = max_length
+    was_training = body.training
+    body.eval()
+    try:
+        starts = range(0, len(texts), batch_size)
+        bar = tqdm(starts, desc="encoding", unit="batch", disable=not show_progress or len(starts) < 2)
+        with torch.inference_mode():
+            for start in bar:
+                idx = order[start : start + batch_size]
+                features = body.preprocess([texts[i] for i in idx])
+                emb = body(features)["sentence_embedding"]
+                out[idx] = emb.float().numpy()
+    finally:
+        body.max_seq_length = previous
+        if was_training:
+            body.train()
+    return out
