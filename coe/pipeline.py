@@ -157,12 +157,17 @@ class ChatStream:
         return self.request.decision
 
     def __iter__(self) -> Iterator[str]:
+        sent = 0
         try:
             for item in self._items:
                 if _is_final(item):
                     assert self._pipeline is not None
                     self.result = self._pipeline._result(self.request, item)
+                    rest = _unsent(item.text, sent)
+                    if rest:
+                        yield rest
                 elif item.text:
+                    sent += len(item.text)
                     yield item.text
         except AdapterError as exc:
             raise _adapter_failed(self.request, exc) from exc
@@ -450,11 +455,16 @@ class Pipeline:
         Cancelling the consuming task (or ``aclose()``) cancels generation and frees the slot.
         """
         stream = self.backend.astream(req.prompt, **self._backend_kwargs(req))
+        sent = 0  # characters streamed so far: the deltas always add up to the final text
         try:
             async for item in stream:
                 if _is_final(item):
+                    rest = _unsent(item.text, sent)
+                    if rest:
+                        yield TextDelta(rest)
                     yield self._result(req, item)
                     return
+                sent += len(item.text)
                 yield TextDelta(item.text, tuple(getattr(item, "token_ids", ()) or ()))
         except AdapterError as exc:
             raise _adapter_failed(req, exc) from exc
@@ -733,6 +743,11 @@ def _sampling_params(kw: Mapping[str, Any]) -> SamplingParams:
 def _is_final(item: Any) -> bool:
     """Engine/remote streams end with an object that has a ``finish_reason``; deltas have none."""
     return getattr(item, "finish_reason", None) is not None
+
+
+def _unsent(final_text: str, sent_chars: int) -> str:
+    """Text of the final output not yet streamed (a backend may send little or nothing as deltas)."""
+    return final_text[sent_chars:] if len(final_text) > sent_chars else ""
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
