@@ -16,13 +16,15 @@ This module knows the pipeline's public API only, never the engine or the router
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import anyio
 from litestar import Litestar, Router
@@ -197,6 +199,17 @@ def serve_command(args: argparse.Namespace) -> int:
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.draining = True
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after its graceful shutdown, which would kill the
+            # process before the engine is shut down; we shut down and exit 0 instead.
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     server = _Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
