@@ -155,7 +155,7 @@ def evaluate_router(
 
     calibration = None
     threshold = cfg.router.threshold
-    if val:
+    if val and cfg.router.fallback is not None:  # without a fallback the threshold changes no pick
         val_proba = _predict_proba(router, [r.text for r in val], settings.batch_size, f"{kind}: scoring val")
         calibration = metrics.calibrate_threshold(
             val_proba, experts, [r.label for r in val], fallback, settings.min_acceptance, own
@@ -193,7 +193,7 @@ def evaluate_router(
         "batch_size": settings.batch_size,
         "decisions": metrics.decision_stats([d.source for d in decisions], [d.rule for d in decisions], y_true, y_pred),
         "confusion": metrics.confusion(y_true, y_pred, labels),
-        "sweep": metrics.threshold_sweep(proba, experts, y_true, fallback, expert_thresholds=own),
+        "sweep": metrics.threshold_sweep(proba, experts, y_true, fallback, expert_thresholds=own) if cfg.router.fallback else None,
         "router_info": _jsonable(dataclasses.asdict(router.info)) if getattr(router, "info", None) else None,
     }
     return entry

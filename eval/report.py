@@ -102,12 +102,13 @@ def plot_threshold(report: dict[str, Any], path: Path) -> None:
     """OOS recall against in-scope acceptance as the threshold sweeps, one curve per router.
 
     Without out-of-scope rows there is no OOS recall: in-scope acceptance against the
-    threshold is drawn instead.
+    threshold is drawn instead. Routers without a sweep (no fallback configured) are left out.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    has_oos = any(v is not None for r in report["routers"].values() for v in r["sweep"]["oos_recall"])
-    for name, r in report["routers"].items():
+    swept = {name: r for name, r in report["routers"].items() if r.get("sweep")}
+    has_oos = any(v is not None for r in swept.values() for v in r["sweep"]["oos_recall"])
+    for name, r in swept.items():
         s = r["sweep"]
         if has_oos:
             pts = [(a, o) for a, o in zip(s["in_scope_acceptance"], s["oos_recall"]) if a is not None and o is not None]
