@@ -1,0 +1,463 @@
+"""A Llama-family decoder (Llama, Mistral, SmolLM, TinyLlama; Qwen2's qkv bias) with multi-LoRA layers.
+
+One forward pass runs one engine step: a flat batch of T tokens from many sequences (decode tokens
+first, one per sequence, then prefill chunks), each token carrying its own adapter slot. Every
+LoRA-capable projection (q, k, v, o, gate, up, down) adds its adapter delta through ``kernels``,
+with one ``LoRAMeta`` per step shared by all layers.
+
+Why hand-written rather than transformers' modules: on a 2-core CPU the per-op Python overhead of a
+decode step matters as much as its FLOPs, so this model
+- fuses q/k/v into one ``wqkv`` matmul and gate/up into one ``w13`` matmul (packed LoRA calls too);
+- applies RoPE to q and k together, with cos/sin gathered once per step;
+- keeps weights as plain tensor attributes (no ``nn.Module.__getattr__`` per weight per layer);
+- writes K/V for all T tokens with one ``index_put_`` per layer and reads a decode batch's cache
+  as a view when its sequences sit in consecutive KV slots.
+
+Its arithmetic follows transformers op for op where rounding depends on it (rotate-half RoPE,
+residual added after the projection and its LoRA delta, as PEFT does), so fp32 logits match
+transformers+PEFT bit for bit on the base model and to ~1e-5 with adapters. Faster variants
+(complex-multiply RoPE, residual folded into ``addmm``) were measured and cost that agreement
+(3e-4 on SmolLM2's logits) for ~2 ops per layer.
+
+Shape letters: T tokens in the step, Bd decode sequences, H query heads, K kv heads, G = H/K,
+D head dim, L context length, S adapter slots, R stacked LoRA rank.
+
+This module knows nothing about tokenizers, files, requests or scheduling: ``weights.py`` hands it
+tensors by checkpoint name, ``adapters.py`` fills its LoRA stacks, ``batch.py`` builds its steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import LoRAMeta, add_lora_packed
+
+# The aten op takes None for a full slice in its index list (the Python method does not).
+index_put_ = torch.ops.aten.index_put_
+
+# Projections an adapter may target, in PEFT's module names, grouped as the model fuses them.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture, read from a transformers config.
+
+    Args:
+        model_type: ``llama``, ``mistral`` or ``qwen2``.
+        vocab_size / dim / n_layers / n_heads / n_kv_heads / head_dim / intermediate_size: sizes.
+        norm_eps: RMSNorm epsilon.
+        max_position_embeddings: the model's context; the engine caps its max_seq_len at this.
+        tie_word_embeddings: the output projection is the embedding matrix.
+        qkv_bias / o_bias / mlp_bias: which projections carry a bias (Qwen2: qkv).
+        sliding_window: Mistral-style window, or None; the engine caps max_seq_len at it.
+    """
+
+    model_type: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def module_shape(self, target: str) -> tuple[int, int]:
+        """``(d_in, d_out)`` of one LoRA-capable projection."""
+        return {
+            "q_proj": (self.dim, self.q_size),
+            "k_proj": (self.dim, self.kv_size),
+            "v_proj": (self.dim, self.kv_size),
+            "o_proj": (self.q_size, self.dim),
+            "gate_proj": (self.dim, self.intermediate_size),
+            "up_proj": (self.dim, self.intermediate_size),
+            "down_proj": (self.intermediate_size, self.dim),
+        }[target]
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "ModelArgs":
+        """Read a ``transformers`` ``PretrainedConfig``.
+
+        Raises:
+            ValueError: the architecture is not a supported Llama-family model.
+        """
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; coe's engine runs {', '.join(SUPPORTED_MODEL_TYPES)} "
+                "(Llama, Mistral, SmolLM, TinyLlama, Qwen2) checkpoints"
+            )
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported; the engine implements SwiGLU (silu)")
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        window = getattr(config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=config.vocab_size,
+            dim=config.hidden_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            norm_eps=float(config.rms_norm_eps),
+            max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048) or 2048),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias and model_type != "qwen2",
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            sliding_window=int(window) if window else None,
+        )
+
+
+def rope_inv_freq(config: Any) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies [D/2] and attention scaling, exactly as transformers computes them
+    (default, linear, llama3, yarn, longrope...; ``dynamic`` equals default within the model's context)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if rope_type == "default":
+        base = params.get("rope_theta") if isinstance(params, dict) and "rope_theta" in params else getattr(config, "rope_theta", 10000.0)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+        return inv_freq, 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope type {rope_type!r} is not supported (known: default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class LoRAStack:
+    """One fused projection's stacked adapter weights, filled slot by slot by the registry.
+
+    Attributes:
+        A: [S, n*R, d_in], slice i is rows ``i*R:(i+1)*R``; zero rows pad smaller ranks.
+        B: [S, sum(output_slices), R].
+        scale: [n, S] per-slice, per-slot scaling (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        output_slices: the fused outputs, e.g. (H*D, K*D, K*D) for q/k/v.
+    """
+
+    __slots__ = ("A", "B", "scale", "output_slices", "d_in")
+
+    def __init__(self, d_in: int, output_slices: tuple[int, ...]) -> None:
+        self.d_in = d_in
+        self.output_slices = output_slices
+        self.A = self.B = self.scale = None  # allocated by ``Transformer.allocate_lora``
+
+    def allocate(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        n = len(self.output_slices)
+        self.A = torch.zeros(num_slots, n * rank, self.d_in, dtype=dtype, device=device)
+        self.B = torch.zeros(num_slots, sum(self.output_slices), rank, dtype=dtype, device=device)
+        self.scale = torch.zeros(n, num_slots, dtype=dtype, device=device)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.B is None else self.B.shape[2]
+
+
+class Layer:
+    """One decoder block's weights (plain attributes: see the module docstring)."""
+
+    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "ffn_norm", "w13", "b13", "w2", "b2", "lora")
+
+    def __init__(self) -> None:
+        self.lora: dict[str, LoRAStack] = {}
+
+
+@dataclass
+class StepBatch:
+    """The tensors and host facts of one forward step (built by ``batch.py``).
+
+    Attributes:
+        token_ids: int64 [T], decode tokens first (one per decode sequence), then prefill chunks.
+        positions: int64 [T], each token's position in its sequence.
+        kv_slots: int64 [T], each token's KV cache slot.
+        meta: the step's LoRA metadata (slots per token).
+        num_decode: Bd, the number of leading decode tokens.
+        decode_slot_range: ``(lo, hi)`` when the decode tokens' KV slots are ``lo..hi-1`` in order
+            (the cache is then read as a view), else None (gathered).
+        decode_kv_slots: int64 [Bd] (the first Bd entries of ``kv_slots``).
+        decode_len: L, the longest decode context (cache length read this step).
+        decode_mask: bool [Bd, 1, 1, L] (True = attend), or None when every decode context is L long.
+        prefills: ``(kv_slot, start, length, row)`` per prefill chunk: ``length`` tokens at
+            positions ``start..`` occupying rows ``row..row+length-1`` of the step.
+        logit_rows: int64 [N], the rows whose next-token logits are wanted.
+    """
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    kv_slots: torch.Tensor
+    meta: LoRAMeta
+    num_decode: int
+    decode_slot_range: tuple[int, int] | None
+    decode_kv_slots: torch.Tensor
+    decode_len: int
+    decode_mask: torch.Tensor | None
+    prefills: tuple[tuple[int, int, int, int], ...]
+    logit_rows: torch.Tensor
+
+
+class Transformer:
+    """The decoder: weights, RoPE table and LoRA stacks; ``forward`` runs one step.
+
+    Build it with :meth:`from_state` (weights by transformers checkpoint name).
+    """
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> None:
+        self.args = args
+        self.dtype = dtype
+        self.device = device
+        self.layers: list[Layer] = []
+        self.tok_embeddings: torch.Tensor | None = None
+        self.norm: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.rope_cos: torch.Tensor | None = None  # [max_len, D]
+        self.rope_sin: torch.Tensor | None = None  # [max_len, D], first half negated (see from_state)
+        self.num_lora_slots = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_state(
+        cls,
+        args: ModelArgs,
+        get: Callable[[str], torch.Tensor | None],
+        *,
+        inv_freq: torch.Tensor,
+        rope_scaling: float,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> "Transformer":
+        """Assemble the model from checkpoint tensors.
+
+        Args:
+            args: the architecture.
+            get: returns the tensor stored under a transformers checkpoint name
+                (``model.layers.0.self_attn.q_proj.weight``...), or None when absent.
+            inv_freq: RoPE inverse frequencies [D/2] (see :func:`rope_inv_freq`).
+            rope_scaling: RoPE attention scaling factor (1.0 for most models).
+            max_seq_len: positions the RoPE table covers.
+            dtype: weight dtype.
+            device: where the weights live.
+
+        Raises:
+            ValueError: a required tensor is missing or has the wrong shape.
+        """
+        self = cls(args, dtype, device)
+        a = args
+
+        def need(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            t = get(name)
+            if t is None:
+                raise ValueError(f"checkpoint has no tensor {name!r} (expected shape {list(shape)})")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {list(t.shape)}; expected {list(shape)} from config.json")
+            return t.to(device=device, dtype=dtype)
+
+        def maybe(name: str, shape: tuple[int, ...], present: bool) -> torch.Tensor | None:
+            return need(name, shape) if present else None
+
+        self.tok_embeddings = need("model.embed_tokens.weight", (a.vocab_size, a.dim)).contiguous()
+        self.norm = need("model.norm.weight", (a.dim,))
+        if a.tie_word_embeddings or get("lm_head.weight") is None:
+            self.output = self.tok_embeddings
+        else:
+            self.output = need("lm_head.weight", (a.vocab_size, a.dim)).contiguous()
+        D, H, K = a.head_dim, a.n_heads, a.n_kv_heads
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}."
+            L = Layer()
+            L.attn_norm = need(p + "input_layernorm.weight", (a.dim,))
+            wq = need(p + "self_attn.q_proj.weight", (a.q_size, a.dim))
+            wk = need(p + "self_attn.k_proj.weight", (a.kv_size, a.dim))
+            wv = need(p + "self_attn.v_proj.weight", (a.kv_size, a.dim))
+            L.wqkv = torch.cat([wq, wk, wv]).contiguous()
+            L.bqkv = None
+            if a.qkv_bias:
+                L.bqkv = torch.cat([need(p + f"self_attn.{n}_proj.bias", (d,)) for n, d in
+                                    (("q", a.q_size), ("k", a.kv_size), ("v", a.kv_size))]).contiguous()
+            L.wo = need(p + "self_attn.o_proj.weight", (a.dim, a.q_size)).contiguous()
+            L.bo = maybe(p + "self_attn.o_proj.bias", (a.dim,), a.o_bias)
+            L.ffn_norm = need(p + "post_attention_layernorm.weight", (a.dim,))
+            I = a.intermediate_size
+            wg = need(p + "mlp.gate_proj.weight", (I, a.dim))
+            wu = need(p + "mlp.up_proj.weight", (I, a.dim))
+            L.w13 = torch.cat([wg, wu]).contiguous()
+            L.b13 = None
+            if a.mlp_bias:
+                L.b13 = torch.cat([need(p + "mlp.gate_proj.bias", (I,)), need(p + "mlp.up_proj.bias", (I,))])
+            L.w2 = need(p + "mlp.down_proj.weight", (a.dim, I)).contiguous()
+            L.b2 = maybe(p + "mlp.down_proj.bias", (a.dim,), a.mlp_bias)
+            L.lora = {
+                "qkv": LoRAStack(a.dim, (a.q_size, a.kv_size, a.kv_size)),
+                "o": LoRAStack(a.q_size, (a.dim,)),
+                "gate_up": LoRAStack(a.dim, (I, I)),
+                "down": LoRAStack(I, (a.dim,)),
+            }
+            self.layers.append(L)
+        # transformers' cos/sin: the same fp32 product (positions x inv_freq), so they match bit for bit.
+        # rotate_half(x) * sin == flip_halves(x) * [-sin, sin] exactly (negation is exact).
+        freqs = torch.arange(max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        half = D // 2
+        sin = emb.sin() * rope_scaling
+        self.rope_cos = (emb.cos() * rope_scaling).to(device=device, dtype=dtype)
+        self.rope_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(device=device, dtype=dtype)
+        return self
+
+    def allocate_lora(self, num_slots: int, rank: int) -> None:
+        """(Re)allocate every layer's LoRA stacks as zeros: ``num_slots`` slots of rank ``rank``."""
+        for layer in self.layers:
+            for stack in layer.lora.values():
+                stack.allocate(num_slots, rank, self.dtype, self.device)
+        self.num_lora_slots = num_slots
+
+    @property
+    def lora_rank(self) -> int:
+        return self.layers[0].lora["qkv"].rank if self.layers else 0
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the base weights (tied embeddings counted once)."""
+        seen: set[int] = set()
+        total = 0
+        tensors = [self.tok_embeddings, self.norm, self.output]
+        for L in self.layers:
+            tensors += [L.attn_norm, L.wqkv, L.bqkv, L.wo, L.bo, L.ffn_norm, L.w13, L.b13, L.w2, L.b2]
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    # ------------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
+        """Run one step and return float32 logits [N, vocab] for ``batch.logit_rows``.
+
+        Args:
+            batch: the step (see :class:`StepBatch`).
+            k_cache / v_cache: per layer [max_batch, K, max_len, D]; the step's K/V are written in.
+        """
+        a = self.args
+        H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
+        G = H // K
+        T = batch.token_ids.shape[0]
+        eps = a.norm_eps
+        q_size, kv_size = a.q_size, a.kv_size
+        meta = batch.meta
+        use_lora = meta.any_lora
+        Bd = batch.num_decode
+        # Step-level work, shared by every layer.
+        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.rope_sin[batch.positions].unsqueeze(1)
+        kv_index = [batch.kv_slots, None, batch.positions]  # cache[slot_t, :, pos_t] = k_t
+        if Bd:
+            Ld = batch.decode_len
+            rng = batch.decode_slot_range
+            mask = batch.decode_mask
+            slots_d = batch.decode_kv_slots
+        decode_only = Bd == T
+        NQK = H + K
+
+        x = F.embedding(batch.token_ids, self.tok_embeddings)  # [T, dim]
+        for li, layer in enumerate(self.layers):
+            lora = layer.lora
+            # ---- attention
+            h = F.rms_norm(x, (a.dim,), layer.attn_norm, eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [T, (H+2K)*D]
+            if use_lora:
+                st = lora["qkv"]
+                add_lora_packed(qkv, h, st.A, st.B, meta, st.scale, st.output_slices)
+            # RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers does.
+            qk = qkv[:, : q_size + kv_size].view(T, NQK, D)
+            rot = qk.view(T, NQK, 2, D // 2).flip(2).view(T, NQK, D).mul_(sin)
+            qk = (qk * cos).add_(rot).view(T, NQK * D)
+            k = qk[:, q_size:].view(T, K, D)
+            v = qkv[:, q_size + kv_size :].view(T, K, D)
+            kc, vc = k_cache[li], v_cache[li]
+            index_put_(kc, kv_index, k)
+            index_put_(vc, kv_index, v)
+            if decode_only:
+                attn = self._decode_attention(qk, kc, vc, Bd, Ld, rng, slots_d, mask, K, G, D)
+            else:
+                attn = torch.empty(T, q_size, dtype=x.dtype, device=x.device)
+                if Bd:
+                    attn[:Bd] = self._decode_attention(qk[:Bd], kc, vc, Bd, Ld, rng, slots_d, mask, K, G, D)
+                for slot, start, n, row in batch.prefills:
+                    q = qk[row : row + n, :q_size].view(n, H, D).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+                    kk = kc[slot : slot + 1, :, : start + n]
+                    vv = vc[slot : slot + 1, :, : start + n]
+                    if start == 0:
+                        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=G > 1)
+                    else:
+                        causal = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)
+                        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, enable_gqa=G > 1)
+                    attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
+            o = F.linear(attn, layer.wo, layer.bo)
+            if use_lora:
+                st = lora["o"]
+                add_lora_packed(o, attn, st.A, st.B, meta, st.scale, st.output_slices)
+            x = x + o
+            # ---- feed-forward (SwiGLU)
+            h = F.rms_norm(x, (a.dim,), layer.ffn_norm, eps)
+            gu = F.linear(h, layer.w13, layer.b13)  # [T, 2I]
+            if use_lora:
+                st = lora["gate_up"]
+                add_lora_packed(gu, h, st.A, st.B, meta, st.scale, st.output_slices)
+            I = a.intermediate_size
+            act = F.silu(gu[:, :I]).mul_(gu[:, I:])
+            d = F.linear(act, layer.w2, layer.b2)
+            if use_lora:
+                st = lora["down"]
+                add_lora_packed(d, act, st.A, st.B, meta, st.scale, st.output_slices)
+            x = x + d
+
+        if batch.logit_rows.shape[0] != T:
+            x = x.index_select(0, batch.logit_rows)
+        x = F.rms_norm(x, (a.dim,), self.norm, eps)
+        return F.linear(x, self.output).float()
+
+    @staticmethod
+    def _decode_attention(qk, kc, vc, Bd, L, rng, slots, mask, K, G, D):
+        """Attention of Bd single-token queries over their cached contexts -> [Bd, H*D].
+
+        GQA without repeating K/V: the G query heads sharing a kv head become G query rows.
+        """
+        q = qk[:, : K * G * D].reshape(Bd, K, G, D)
+        if rng is not None:
+            kk, vv = kc[rng[0] : rng[1], :, :L], vc[rng[0] : rng[1], :, :L]
+        else:
+            kk, vv = kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
+        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # [Bd, K, G, D]
+        return o.reshape(Bd, K * G * D)

@@ -1,0 +1,331 @@
+"""The adapter registry: names, a CPU tier (LRU), and the device slots of the model's LoRA stacks.
+
+Three places an adapter can be (``AdapterInfo.location``):
+- ``disk``: registered (name -> source) but not read; the first use reads it;
+- ``cpu``: read, validated and packed in CPU memory; at most ``max_cpu_loras`` such adapters
+  are kept beyond the device-resident ones, least recently used dropped first;
+- ``device``: copied into one of ``max_loras`` slots of the stacked A/B tensors that every LoRA
+  layer reads. A resident adapter keeps its packed CPU copy, so eviction is free and the next
+  activation is a copy.
+
+An adapter used by a running sequence is pinned (``in_flight > 0``) and is never evicted. The
+stacks' rank is the largest resident adapter's rank (they grow when a larger one arrives; smaller
+ranks are zero-padded), so a deployment of r=16 adapters never pays for ``max_lora_rank=64``.
+
+Threading: ``read``/``load`` do disk IO and validation and may run on any thread; everything that
+touches the model's stacks (``activate``, ``ensure_rank``) must run where no forward pass is in
+flight (the engine's step loop, between steps). A lock guards the bookkeeping.
+
+This module knows nothing about requests or HTTP; ``adapters.py`` does the reading.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from coe.engine.adapters import PackedAdapter, read_adapter
+from coe.engine.model import Transformer
+from coe.engine.outputs import AdapterInfo
+from coe.errors import AdapterError, UnknownModel
+
+
+@dataclass
+class _Entry:
+    name: str
+    source: str
+    packed: PackedAdapter | None = None
+    slot: int | None = None
+    in_flight: int = 0
+    last_used: int = 0
+    removed: bool = False
+
+
+class AdapterRegistry:
+    """Adapters by name, their CPU copies, and the model's device slots.
+
+    Args:
+        model: the model whose LoRA stacks are the device slots.
+        max_loras: device slots.
+        max_cpu_loras: packed adapters kept in CPU memory beyond the resident ones.
+        max_lora_rank: adapters above this rank are refused.
+        base_names: names identifying the base model (adapter base-model check).
+        strict_base_model: refuse adapters trained for another base model.
+    """
+
+    def __init__(self, model: Transformer, *, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
+                 base_names: tuple[str, ...] = (), strict_base_model: bool = False) -> None:
+        self.model = model
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self.max_lora_rank = max_lora_rank
+        self.base_names = base_names
+        self.strict_base_model = strict_base_model
+        self._entries: dict[str, _Entry] = {}
+        self._slots: list[_Entry | None] = [None] * max_loras
+        self._cpu_lru: OrderedDict[str, None] = OrderedDict()  # packed, not resident
+        self._clock = itertools.count(1)
+        self._lock = threading.RLock()
+        self.generation = 0  # bumped whenever slots change (for tests and stats)
+
+    # ------------------------------------------------------------------ names
+
+    def register(self, name: str, source: str) -> None:
+        """Record ``name -> source`` without reading it (read on first use)."""
+        with self._lock:
+            old = self._entries.get(name)
+            if old is not None and not old.removed:
+                if old.source == str(source):
+                    return
+                self._remove(old)
+            self._entries[name] = _Entry(name, str(source))
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            e = self._entries.get(name)
+            return e is not None and not e.removed
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [n for n, e in self._entries.items() if not e.removed]
+
+    def _entry(self, name: str) -> _Entry:
+        e = self._entries.get(name)
+        if e is None or e.removed:
+            known = ", ".join(sorted(self.names())) or "none"
+            raise UnknownModel(f"adapter {name!r} is not loaded (known adapters: {known}); load it first", param="adapter")
+        return e
+
+    # ------------------------------------------------------------------ reading (any thread)
+
+    def read(self, name: str, source: str) -> PackedAdapter:
+        """Read and validate ``source`` for ``name`` (no registry change). Raises ``AdapterError``."""
+        return read_adapter(name, source, self.model.args, max_rank=self.max_lora_rank, dtype=self.model.dtype,
+                            base_names=self.base_names, strict_base_model=self.strict_base_model)
+
+    def load(self, name: str, source: str | None = None) -> PackedAdapter:
+        """Register (or re-register) and read ``name`` into the CPU tier now.
+
+        A new source replaces the old one only once it has loaded cleanly: a failed load leaves
+        the registry as it was.
+        """
+        with self._lock:
+            e = self._entries.get(name)
+            if source is None:
+                e = self._entry(name)
+                source = e.source
+                if e.packed is not None:
+                    return e.packed
+        packed = self.read(name, str(source))
+        with self._lock:
+            e = self._entries.get(name)
+            if e is None or e.removed or e.source != str(source):
+                if e is not None and not e.removed:
+                    self._remove(e)
+                e = self._entries[name] = _Entry(name, str(source))
+            self._set_packed(e, packed)
+            return packed
+
+    def ensure_packed(self, name: str) -> PackedAdapter:
+        """The packed copy of a registered adapter, reading it from its source if needed."""
+        with self._lock:
+            e = self._entry(name)
+            if e.packed is not None:
+                return e.packed
+            source = e.source
+        packed = self.read(name, source)
+        with self._lock:
+            e = self._entries.get(name)
+            if e is not None and not e.removed and e.source == source:
+                if e.packed is None:
+                    self._set_packed(e, packed)
+                return e.packed
+        return packed
+
+    def is_packed(self, name: str) -> bool:
+        with self._lock:
+            e = self._entries.get(name)
+            return e is not None and not e.removed and e.packed is not None
+
+    def _set_packed(self, e: _Entry, packed: PackedAdapter) -> None:
+        e.packed = packed
+        e.last_used = next(self._clock)
+        if e.slot is None:
+            self._cpu_lru[e.name] = None
+            self._cpu_lru.move_to_end(e.name)
+            self._trim_cpu()
+
+    def _trim_cpu(self) -> None:
+        while len(self._cpu_lru) > self.max_cpu_loras:
+            victim = next(iter(self._cpu_lru))
+            del self._cpu_lru[victim]
+            ve = self._entries.get(victim)
+            if ve is not None and ve.slot is None:
+                ve.packed = None
+
+    # ------------------------------------------------------------------ device slots (step loop only)
+
+    def slot_of(self, name: str) -> int | None:
+        with self._lock:
+            e = self._entries.get(name)
+            return None if e is None or e.removed else e.slot
+
+    def free_or_evictable_slot(self, exclude: Callable[[str], bool] | None = None) -> int | None:
+        """A slot ``activate`` could use now: a free one, else the least recently used unpinned one
+        whose adapter ``exclude`` does not protect."""
+        with self._lock:
+            for i, e in enumerate(self._slots):
+                if e is None:
+                    return i
+            best = None
+            for i, e in enumerate(self._slots):
+                if e.in_flight == 0 and not (exclude and exclude(e.name)):
+                    if best is None or e.last_used < self._slots[best].last_used:
+                        best = i
+            return best
+
+    def activate(self, name: str, slot: int | None = None) -> int:
+        """Make ``name`` resident (it must be packed) and return its slot.
+
+        Args:
+            name: a registered, packed adapter.
+            slot: the slot to use (from ``free_or_evictable_slot``); default: pick one.
+
+        Raises:
+            AdapterError: no slot is free and every resident adapter is pinned.
+        """
+        with self._lock:
+            e = self._entry(name)
+            if e.slot is not None:
+                e.last_used = next(self._clock)
+                return e.slot
+            if e.packed is None:
+                raise AdapterError(name, "is not in memory yet (internal: ensure_packed before activate)")
+            if slot is None:
+                slot = self.free_or_evictable_slot()
+            if slot is None:
+                raise AdapterError(name, f"all {self.max_loras} adapter slots are in use by running requests; retry shortly")
+            old = self._slots[slot]
+            assert old is None or old.in_flight == 0, f"slot {slot} holds pinned adapter {old.name!r}"
+            if old is not None:
+                old.slot = None
+                self._slots[slot] = None
+                if old.removed:
+                    old.packed = None
+                elif old.packed is not None:
+                    self._cpu_lru[old.name] = None
+            self._ensure_rank(e.packed.rank)
+            self._write_slot(slot, e.packed)
+            e.slot = slot
+            e.last_used = next(self._clock)
+            self._slots[slot] = e
+            self._cpu_lru.pop(name, None)
+            self._trim_cpu()
+            self.generation += 1
+            return slot
+
+    def _ensure_rank(self, rank: int) -> None:
+        """Grow the stacks to ``rank`` (re-copying resident adapters), never shrink."""
+        model = self.model
+        if model.num_lora_slots == self.max_loras and model.lora_rank >= rank:
+            return
+        model.allocate_lora(self.max_loras, max(rank, model.lora_rank))
+        for i, e in enumerate(self._slots):
+            if e is not None:
+                self._write_slot(i, e.packed)
+
+    @torch.inference_mode()
+    def _write_slot(self, slot: int, packed: PackedAdapter) -> None:
+        r = packed.rank
+        for layer, groups in zip(self.model.layers, packed.layers):
+            for group, stack in layer.lora.items():
+                A, B, scale = stack.A[slot], stack.B[slot], stack.scale
+                A.zero_()
+                B.zero_()
+                trio = groups.get(group)
+                if trio is None:
+                    scale[:, slot] = 0
+                    continue
+                pa, pb, ps = trio
+                n = len(stack.output_slices)
+                A.view(n, stack.rank, stack.d_in)[:, :r].copy_(pa.view(n, r, stack.d_in))
+                B[:, :r].copy_(pb)
+                scale[:, slot] = ps
+
+    def pin(self, name: str) -> "_Entry":
+        """Count a running sequence on a resident adapter.
+
+        Returns:
+            A lease: pass it to :meth:`unpin`; ``lease.slot`` is the adapter's slot. (A lease, not
+            the name, because an adapter unloaded mid-request is no longer findable by name.)
+        """
+        with self._lock:
+            e = self._entry(name)
+            assert e.slot is not None, f"adapter {name!r} pinned while not resident"
+            e.in_flight += 1
+            e.last_used = next(self._clock)
+            return e
+
+    def unpin(self, lease: "_Entry") -> None:
+        """A sequence on the adapter finished; frees its slot if it was unloaded meanwhile."""
+        with self._lock:
+            lease.in_flight = max(0, lease.in_flight - 1)
+            lease.last_used = next(self._clock)
+            if lease.removed and lease.in_flight == 0:
+                self._free_slot(lease)
+
+    def in_flight(self, name: str) -> int:
+        with self._lock:
+            e = self._entries.get(name)
+            return 0 if e is None else e.in_flight
+
+    # ------------------------------------------------------------------ unload / info
+
+    def unload(self, name: str) -> None:
+        """Forget ``name``. New requests can no longer use it; running ones finish on it, then its
+        slot is freed.
+
+        Raises:
+            UnknownModel: no such adapter.
+        """
+        with self._lock:
+            self._remove(self._entry(name))
+
+    def _remove(self, e: _Entry) -> None:
+        e.removed = True
+        self._cpu_lru.pop(e.name, None)
+        if self._entries.get(e.name) is e:
+            del self._entries[e.name]
+        if e.in_flight == 0:
+            self._free_slot(e)
+
+    def _free_slot(self, e: _Entry) -> None:
+        if e.slot is not None and self._slots[e.slot] is e:
+            self._slots[e.slot] = None
+            self.generation += 1
+        e.slot = None
+        e.packed = None
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return [e.name for e in self._slots if e is not None]
+
+    def info(self) -> list[AdapterInfo]:
+        with self._lock:
+            out = []
+            for e in self._entries.values():
+                if e.removed:
+                    continue
+                location = "device" if e.slot is not None else "cpu" if e.packed is not None else "disk"
+                out.append(AdapterInfo(
+                    name=e.name, source=e.source, location=location,
+                    bytes=e.packed.nbytes if e.packed is not None else 0,
+                    pinned=e.in_flight > 0, in_flight=e.in_flight,
+                    rank=e.packed.rank if e.packed is not None else None,
+                ))
+            return out
