@@ -164,7 +164,8 @@ class SetFitRouter:
         """Raw head probabilities ``[n, n_head_classes]`` in the head's own column order."""
         head = self.model.model_head
         if hasattr(head, "classes_"):
-            return np.asarray(head.predict_proba(embeddings), dtype=np.float64)
+            # float64 in, so rows sum to 1 to double precision (sklearn keeps float32 inputs' dtype)
+            return np.asarray(head.predict_proba(embeddings.astype(np.float64)), dtype=np.float64)
         import torch
 
         with torch.inference_mode():
