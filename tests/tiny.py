@@ -24,6 +24,7 @@ enough for greedy decoding to be stable under float reassociation (batching-inva
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -133,7 +134,9 @@ def make_tiny_adapter(model_dir: str | Path, out_dir: str | Path, r: int = 4, al
     base = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                      task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
