@@ -4,7 +4,8 @@ Every LoRA linear of the engine adds ``scale * B[s] @ (A[s] @ x[t])`` to its bas
 adapter slot ``s`` of each token ``t``. ``add_lora`` does this for one projection and
 ``add_lora_packed`` for packed projections (q/k/v, gate/up) that share one input, reading it once.
 Tokens are grouped by slot once per step in a ``LoRAMeta`` that every layer reuses; a step where
-no token has an adapter returns at once (``meta.any_lora`` is a host bool, so there is no sync).
+no token has an adapter returns at once, before any check (``meta.any_lora`` is a host bool, so
+there is no sync; shapes are then checked on the first step that uses an adapter).
 
 Backends (``kernels/README.md`` has the measurements):
     ``"torch"``      production path on CPU (and fallback on GPU): ``kernels.torch_ops``.
@@ -122,6 +123,8 @@ def add_lora_packed(
         ValueError: a shape, dtype or device mismatch, or a slot outside [-1, S), naming the
             tensor and the shapes seen.
     """
+    if type(slots_or_meta) is LoRAMeta and not slots_or_meta.any_lora:
+        return y  # a step without adapters costs one attribute read per layer
     meta, output_slices, _ = check_args(y, x, A, B, slots_or_meta, scale, output_slices)
     if not meta.any_lora:
         return y
@@ -161,6 +164,8 @@ def add_lora(
     Raises:
         ValueError: a shape, dtype or device mismatch, or a slot outside [-1, S).
     """
+    if type(slots_or_meta) is LoRAMeta and not slots_or_meta.any_lora:
+        return y  # a step without adapters costs one attribute read per layer
     meta, output_slices, _ = check_args(y, x, A, B, slots_or_meta, scale, None)
     if not meta.any_lora:
         return y

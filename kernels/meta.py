@@ -40,7 +40,7 @@ class LoRAMeta:
         num_lora_tokens: host int, tokens with a slot.
         max_tokens_per_slot: host int, the largest entry of ``tokens_per_slot`` (0 if none).
         single_slot: host int: the slot when exactly one slot is active, else -1.
-        device: where the device tensors live.
+        device: where the device tensors live; device_index: its ``get_device()`` (-1 = CPU).
         cache: dict for backends' per-step precomputations (see the module docstring).
 
     Example:
@@ -65,6 +65,7 @@ class LoRAMeta:
         "max_tokens_per_slot",
         "single_slot",
         "device",
+        "device_index",
         "cache",
     )
 
@@ -117,6 +118,7 @@ class LoRAMeta:
         self.any_lora = hi >= 0
         self.slots = host.to(device, non_blocking=True) if device != host.device else host
         self.device = device = self.slots.device  # "cuda" -> "cuda:0", so device checks compare equal
+        self.device_index = self.slots.get_device()  # -1 on the CPU; what the per-call checks compare
 
         if not self.any_lora:
             empty = torch.empty(0, dtype=torch.int64, device=device)

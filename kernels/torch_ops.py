@@ -12,18 +12,28 @@ measurements behind the choice):
 * ``single``  one active slot (one request, or all requests on one adapter): two plain ``mm``
   against that slot's A and B views, no gather at all when every token uses it. Fastest by far.
 * ``padded``  several slots, tokens spread evenly enough: tokens are gathered into a dense
-  ``[U, M, d_in]`` block (U active slots, M = most tokens of any slot, short slots padded with a
-  repeated token whose contribution is masked to zero), then ONE ``bmm`` shrink and ONE ``bmm``
-  expand per slice over all slots at once, and one ``index_add_`` scatters the result back.
-  Punica's SGMV in spirit, with padding instead of segments because torch has no segmented GEMM.
+  ``[blocks, M, d_in]`` grid (one block per slot, M = most tokens of any slot, short slots padded
+  with a repeated token whose contribution is masked to zero), then ONE ``bmm`` shrink and one
+  ``bmm`` expand over all slots at once, and ``index_add_`` scatters the result back. The blocks
+  are the slot range lo..hi of the active slots when it is dense enough, so A and B are read
+  through a view instead of being copied. Punica's SGMV in spirit, with padding instead of
+  segments: torch's CPU ``grouped_mm`` measured slower than ``bmm`` here.
 * ``group``   several slots, very uneven token counts (long prefill next to short ones), where
   padding would waste more work than a per-slot loop of ``mm`` costs: gather, ``mm``, ``mm``,
   ``index_add_`` per active slot.
 
 What is fused: the shrink of a packed call (q/k/v, gate/up) reads x once for all slices, as one
-``[n*r, d_in]`` matmul per token group; the per-slot scale and the padding mask are folded into
-the small rank-sized intermediate (not the wide output); expand writes every slice of ``y`` in
-place with one ``addmm_``/``index_add_`` each. The wide output is never materialized twice.
+``[n*r, d_in]`` matmul per token group; the per-slot scale and the padding mask are one factor,
+built once per step, applied to the small rank-sized intermediate (not the wide output); in
+decode, the expand of all slices is one matmul against all of B (B read once, n times the FLOPs,
+which are nothing next to reading B), whose diagonal blocks one ``gather`` brings back in token
+order, and one dense ``add_`` updates ``y``: no scatter (``index_add_`` on CPU is a slow
+``scatter_add_``), no per-slice loop, no copy of the weights.
+
+Why so few ops matters: on the 2-core CPU this serves from, each torch op costs microseconds of
+dispatch even on a tiny tensor, and the engine makes ~120 LoRA calls per decode step. A call
+here is ~10 ops (single slot: ~8) plus ~5 us of argument checks; per-step tables, masks, scale
+factors and scratch buffers live on the ``LoRAMeta`` (``meta.cache["torch"]``).
 
 Half-precision inputs (fp16/bf16) are computed in float32 and rounded once into ``y``: CPUs have
 no fast half GEMM to lose, and it gives the fp32 accumulation the contract asks for.
@@ -34,83 +44,193 @@ This module knows nothing about models or layers; argument checks live in ``kern
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.meta import LoRAMeta
 
 __all__ = ["add_lora", "add_lora_packed", "plan"]
 
-# padded is used while its rows (U * M) stay within this factor of the real LoRA tokens; past it
-# the padding costs more than a per-slot loop (measured: kernels/README.md, "strategy choice").
+# padded is used while its rows (blocks * M) stay within this factor of the real LoRA tokens; past
+# it the padding costs more than a per-slot loop (measured: kernels/README.md, "strategy choice").
 _PAD_WASTE_LIMIT = 2.0
+# padded reads the weights through a view of the slot range lo..hi of the active slots when that
+# range has at most this many times the active slots; otherwise it copies the active slots out
+# (index_select). Reading an idle slot costs about what copying an active one does.
+_SPAN_LIMIT = 2.0
+# packed expand: one matmul against all of B for every slice while (tokens of a slot) * n rows
+# stay this few (the matmul is then bound by reading B, so n times the FLOPs cost nothing); else
+# one matmul per slice (prefill).
+_REPLICATE_MAX_ROWS = 16
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _Plan:
+    """What the torch path does this step, with its tables; built once per step, cached on the meta.
+
+    kind: "single" | "padded" | "group".
+    single: ``slot``; ``rows`` int64 [N], the LoRA tokens, or None when most tokens use the slot
+        (then all T rows are computed, and ``masked`` says whether some must be zeroed).
+    padded: the tokens of each weight block laid out as a dense [num_blocks, M] grid: ``pad_ids``
+        int64 [num_blocks*M] (padding rows repeat a real token), ``valid`` bool [num_blocks, M, 1],
+        ``inv`` int64 [T] (each token's grid row; tokens without a slot point past the grid, at a
+        zero row). The blocks are the slots ``span = (lo, count)`` (weights read through a view),
+        or, when that range is too sparse, the active slots ``block_ids`` int64 [U] (copied).
+    cache: per-step derived tensors (row factors, gather indices, scratch buffers).
+    """
+
+    __slots__ = (
+        "kind", "slot", "rows", "masked", "pad_ids", "valid", "inv", "block_ids", "span", "num_blocks",
+        "max_tokens", "cache",
+    )  # fmt: skip
+
+    def __init__(self, meta: LoRAMeta):
+        self.cache = {}
+        self.rows = self.pad_ids = self.valid = self.inv = self.block_ids = self.span = None
+        self.masked = False
+        active = meta.active_slots_host
+        num_active, max_tokens, num_lora = len(active), meta.max_tokens_per_slot, meta.num_lora_tokens
+        if num_active == 1:
+            self.kind, self.slot = "single", active[0]
+            if num_lora != meta.num_tokens:
+                if 2 * num_lora >= meta.num_tokens:
+                    self.masked = True
+                else:
+                    self.rows = meta.sorted_token_ids[meta.num_tokens - num_lora :]
+            return
+        lo, hi = active[0], active[-1]
+        use_span = hi - lo + 1 <= _SPAN_LIMIT * num_active
+        num_blocks = hi - lo + 1 if use_span else num_active
+        if num_blocks * max_tokens > _PAD_WASTE_LIMIT * num_lora:
+            self.kind = "group"
+            return
+        self.kind, self.num_blocks, self.max_tokens = "padded", num_blocks, max_tokens
+        counts = torch.tensor(meta.tokens_per_slot_host)
+        starts = torch.tensor(meta.slot_starts_host)
+        if use_span:  # blocks are slots lo..hi; idle ones get zero tokens
+            index = torch.tensor(active) - lo
+            counts = torch.zeros(num_blocks, dtype=torch.int64).index_copy_(0, index, counts)
+            starts = torch.zeros(num_blocks, dtype=torch.int64).index_copy_(0, index, starts)
+            self.span = (lo, num_blocks)
+        else:
+            self.block_ids = meta.active_slots
+        grid = torch.arange(max_tokens)
+        valid = grid.unsqueeze(0) < counts.unsqueeze(1)  # [blocks, M]
+        # a padding row repeats a real token (a valid index); its contribution is masked to zero
+        src = (starts.unsqueeze(1) + torch.minimum(grid.unsqueeze(0), counts.unsqueeze(1) - 1)).clamp_(min=0)
+        device = meta.device
+        self.pad_ids = meta.sorted_token_ids[src.flatten().to(device)]
+        self.valid = valid.unsqueeze(2).to(device)
+        grid_rows = num_blocks * max_tokens
+        real = valid.flatten().to(device)
+        inv = torch.full((meta.num_tokens,), grid_rows, dtype=torch.int64, device=device)
+        self.inv = inv.index_copy_(0, self.pad_ids[real], torch.arange(grid_rows, device=device)[real])
+
+    def scaling(self, meta, scale, dtype, num_slices, rank, fold):
+        """(factor, alpha): h is multiplied by ``factor`` (the row mask times the slot scales) and
+        the expand result by the float ``alpha``.
+
+        ``factor`` broadcasts to h ([T or N, n*r] single, [blocks, M, n*r] padded), or is None
+        when there is nothing to multiply. ``fold`` puts a float scale into ``factor`` too (half
+        precision: scale in fp32, before the rounding). On the CPU, one slot's scalar scale becomes
+        ``alpha`` (read once per step: free inside addmm_/add_, where a tensor would cost a mul_).
+        Built once per step per scale tensor, so a scale tensor must not change between the calls
+        of one step (the engine writes scales when it loads an adapter, between steps).
+        """
+        is_tensor = isinstance(scale, torch.Tensor)
+        key = ("scaling", dtype, id(scale) if is_tensor else scale, num_slices, rank, fold)
+        hit = self.cache.get(key)
+        if hit is not None and (not is_tensor or hit[0] is scale):
+            return hit[1]
+        if self.kind == "padded":
+            mask = self.valid.to(dtype)  # [blocks, M, 1]
+        elif self.masked:
+            mask = (meta.slots >= 0).to(dtype).unsqueeze(1)  # [T, 1]
+        else:
+            mask = None
+        alpha = 1.0
+        if not is_tensor:
+            if fold and scale != 1.0:
+                factor = torch.full((), float(scale), dtype=dtype, device=meta.device) if mask is None else mask * scale
+            else:
+                factor, alpha = mask, float(scale)
+        elif self.kind == "padded":
+            sc = scale.to(dtype)
+            if self.span is not None:
+                sc = sc.narrow(sc.dim() - 1, *self.span)
+            else:
+                sc = sc.index_select(sc.dim() - 1, self.block_ids)
+            if sc.dim() == 1:  # [blocks] -> [blocks, 1, 1]
+                factor = mask * sc.view(-1, 1, 1)
+            else:  # [n, blocks] -> [blocks, 1, n*r]
+                factor = mask * sc.t().repeat_interleave(rank, dim=1).unsqueeze(1)
+        elif scale.dim() == 1 and not fold and meta.device_index < 0:
+            factor, alpha = mask, float(scale[self.slot])  # host memory: no sync
+        else:
+            sc = scale.to(dtype)
+            sc = sc[self.slot] if sc.dim() == 1 else sc[:, self.slot].repeat_interleave(rank)
+            factor = sc if mask is None else mask * sc
+        self.cache[key] = (scale, (factor, alpha))
+        return factor, alpha
+
+    def out_buffer(self, rows, cols, zero_rows, shape, dtype, device):
+        """(buf [rows + zero_rows, cols] with zero tail rows, view of buf[:rows] as ``shape``).
+
+        Reused by every layer of the step: layers run one after another and each consumes its
+        result before returning; only the first use pays the allocation and zeroing.
+        """
+        key = ("buf", rows, cols, zero_rows, shape, dtype)
+        hit = self.cache.get(key)
+        if hit is None:
+            buf = torch.zeros(rows + zero_rows, cols, dtype=dtype, device=device)
+            hit = self.cache[key] = (buf, buf[:rows].view(shape))
+        return hit
+
+
+def _plan(meta: LoRAMeta) -> _Plan:
+    p = meta.cache.get("torch")
+    if p is None:
+        p = meta.cache["torch"] = _Plan(meta)
+    return p
 
 
 def plan(meta: LoRAMeta) -> str:
     """The strategy this step uses: ``"single"``, ``"padded"`` or ``"group"`` (cached on the meta)."""
-    cached = meta.cache.get("torch.plan")
-    if cached is None:
-        num_active = len(meta.active_slots_host)
-        if num_active == 1:
-            cached = "single"
-        elif num_active * meta.max_tokens_per_slot <= _PAD_WASTE_LIMIT * meta.num_lora_tokens:
-            cached = "padded"
-        else:
-            cached = "group"
-        meta.cache["torch.plan"] = cached
-    return cached
+    return _plan(meta).kind
 
 
-def _padded_tables(meta: LoRAMeta, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pad_ids int64 [U*M], valid [U, M, 1] of ``dtype``), built once per step and dtype."""
-    key = ("torch.padded", dtype)
-    cached = meta.cache.get(key)
-    if cached is None:
-        counts = meta.tokens_per_slot  # [U]
-        rows = torch.arange(meta.max_tokens_per_slot, device=meta.device)  # [M]
-        valid = rows.unsqueeze(0) < counts.unsqueeze(1)  # [U, M]
-        # a padding row repeats its slot's last real token: a valid index, masked to zero below
-        src = meta.slot_starts.unsqueeze(1) + torch.minimum(rows.unsqueeze(0), counts.unsqueeze(1) - 1)
-        pad_ids = meta.sorted_token_ids[src.flatten()]
-        cached = (pad_ids, valid.unsqueeze(2).to(dtype))
-        meta.cache[key] = cached
-    return cached
+def _slice_runs(output_slices: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
+    """Group consecutive slices of equal width: (first slice, count, width, column offset) per run."""
+    runs, i, off = [], 0, 0
+    while i < len(output_slices):
+        d, j = output_slices[i], i
+        while j < len(output_slices) and output_slices[j] == d:
+            j += 1
+        runs.append((i, j - i, d, off))
+        off += d * (j - i)
+        i = j
+    return tuple(runs)
 
 
-def _token_mask(meta: LoRAMeta, dtype: torch.dtype) -> torch.Tensor:
-    """[T, 1] of ``dtype``: 1 where the token has a slot, else 0 (once per step and dtype)."""
-    key = ("torch.mask", dtype)
-    cached = meta.cache.get(key)
-    if cached is None:
-        cached = (meta.slots >= 0).to(dtype).unsqueeze(1)
-        meta.cache[key] = cached
-    return cached
+def _add_diagonal_blocks(y, full, output_slices, alpha):
+    """y[t, off_i:off_i+d_i] += alpha * full[t, i, off_i:off_i+d_i] for every slice i.
 
-
-def _lora_rows(meta: LoRAMeta) -> torch.Tensor:
-    """int64 [N]: the tokens that have a slot (the tail of sorted_token_ids)."""
-    return meta.sorted_token_ids[meta.num_tokens - meta.num_lora_tokens :]
-
-
-def _scale_rows(h, scale, rank, slots_index, num_slices):
-    """Multiply the rank-sized intermediate ``h`` [..., n*r] in place by each row's slot scale.
-
-    ``slots_index`` selects the scale entries for h's leading dims: an int for one slot, or an
-    index tensor [U] whose entries broadcast over h's dim 0 (padded layout [U, M, n*r]).
+    ``full`` [T, n, D] holds every slice's h against all of B; slice i needs only its own
+    columns of row i. A run of equal-width slices is one strided view (stepping D + d from one
+    slice's block to the next), so gate/up is one ``add_`` and q/k/v two; ``torch.gather`` does
+    the same in one op but measured ~40x slower on CPU.
     """
-    if scale.dim() == 1:
-        if isinstance(slots_index, int):
-            return h.mul_(scale[slots_index])
-        return h.mul_(scale.index_select(0, slots_index).view(-1, *([1] * (h.dim() - 1))))
-    # per-slice scales [n, S]: view h's last dim as [n, r]
-    hv = h.view(*h.shape[:-1], num_slices, rank)
-    if isinstance(slots_index, int):
-        hv.mul_(scale[:, slots_index].unsqueeze(1))
-    else:
-        hv.mul_(scale.index_select(1, slots_index).t().reshape(-1, *([1] * (hv.dim() - 3)), num_slices, 1))
-    return h
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    num_tokens, num_slices, d_total = full.shape
+    for first, count, d, off in _slice_runs(output_slices):
+        src = full.as_strided(
+            (num_tokens, count, d),
+            (num_slices * d_total, d_total + d, 1),
+            full.storage_offset() + first * d_total + off,
+        )
+        y_s0, y_s1 = y.stride()
+        dst = y.as_strided((num_tokens, count, d), (y_s0, d * y_s1, y_s1), y.storage_offset() + off * y_s1)
+        dst.add_(src, alpha=alpha)
+    return y
 
 
 def add_lora_packed(
@@ -124,6 +244,8 @@ def add_lora_packed(
 ) -> torch.Tensor:
     """Packed multi-LoRA in torch; arguments already checked (``kernels.checks.check_args``).
 
+    Not differentiable (scratch buffers are written with ``out=``): inference only.
+
     Semantics:
         for t in range(T):
             s = slots[t]
@@ -136,13 +258,12 @@ def add_lora_packed(
     """
     if not meta.any_lora:
         return y
-    num_slices = len(output_slices)
-    rank = A.shape[1] // num_slices
-    strategy = plan(meta)
-    if strategy == "single":
-        return _single(y, x, A, B, meta, scale, output_slices, rank)
-    if strategy == "padded":
-        return _padded(y, x, A, B, meta, scale, output_slices, rank)
+    p = meta.cache.get("torch") or _plan(meta)
+    rank = A.shape[1] // len(output_slices)
+    if p.kind == "single":
+        return _single(y, x, A, B, meta, p, scale, output_slices, rank)
+    if p.kind == "padded":
+        return _padded(y, x, A, B, meta, p, scale, output_slices, rank)
     return _group(y, x, A, B, meta, scale, output_slices, rank)
 
 
@@ -164,108 +285,102 @@ def add_lora(
     return add_lora_packed(y, x, A, B, meta, scale, (y.shape[1],))
 
 
-def _expand_into(y, rows, h, B_s, scale, output_slices, rank):
-    """y[rows, slice_i] += h[:, slice_i] @ B_s[slice_i]^T for each slice; rows None = all rows.
-
-    ``B_s`` is one slot's B [sum(output_slices), r]; ``scale`` a float (tensor scales were
-    already folded into ``h``).
-    """
-    alpha = scale if not isinstance(scale, torch.Tensor) else 1.0
-    off = 0
+def _single(y, x, A, B, meta, p, scale, output_slices, rank):
+    """One active slot: F.linear against the slot's own A/B views; no gather when most tokens use it."""
+    half = y.dtype in _HALF
+    A_s, B_s = A.select(0, p.slot), B.select(0, p.slot)
+    if half:
+        A_s, B_s, x = A_s.float(), B_s.float(), x.float()
+    rows = p.rows
+    h = F.linear(x if rows is None else x.index_select(0, rows), A_s)  # [T or N, n*r]
+    factor, alpha = p.scaling(meta, scale, h.dtype, len(output_slices), rank, fold=half)
+    if factor is not None:
+        h.mul_(factor)
+    num_slices = len(output_slices)
+    if rows is None and not half:  # the hot path: y updated in place, no intermediate of y's size
+        if num_slices > 1 and h.shape[0] * num_slices <= _REPLICATE_MAX_ROWS:
+            # decode: every slice's h against all of B in one call ([T, n, D]; B read once), then
+            # each slice keeps its own columns of its own row
+            full = F.linear(h.view(h.shape[0], num_slices, rank), B_s)
+            return _add_diagonal_blocks(y, full, output_slices, alpha)
+        off = 0
+        for i, d in enumerate(output_slices):
+            h_i = h if num_slices == 1 else h.narrow(1, i * rank, rank)
+            y.narrow(1, off, d).addmm_(h_i, B_s.narrow(0, off, d).t(), alpha=alpha)
+            off += d
+        return y
+    # half precision, or a few LoRA rows among many: the delta in the compute dtype, added once
+    pieces, off = [], 0
     for i, d in enumerate(output_slices):
-        y_i = y[:, off : off + d] if len(output_slices) > 1 else y
-        h_i = h[:, i * rank : (i + 1) * rank] if len(output_slices) > 1 else h
-        B_i = B_s[off : off + d] if len(output_slices) > 1 else B_s
-        if rows is None:
-            y_i.addmm_(h_i, B_i.t(), alpha=alpha)
-        else:
-            y_i.index_add_(0, rows, torch.mm(h_i, B_i.t()), alpha=alpha)
+        pieces.append(F.linear(h if num_slices == 1 else h.narrow(1, i * rank, rank), B_s.narrow(0, off, d)))
         off += d
+    delta = pieces[0] if num_slices == 1 else torch.cat(pieces, 1)
+    if half:
+        delta = delta.to(y.dtype)
+    if rows is None:
+        return y.add_(delta, alpha=alpha)
+    return y.index_add_(0, rows, delta, alpha=alpha)
 
 
-def _single(y, x, A, B, meta, scale, output_slices, rank):
-    """One active slot: mm against the slot's own A/B views (no gather when every token uses it)."""
-    s = meta.single_slot
-    cdtype = _compute_dtype(y.dtype)
-    A_s, B_s = A[s], B[s]
-    if cdtype != y.dtype:
-        A_s, B_s = A_s.to(cdtype), B_s.to(cdtype)
-    num_tokens, num_lora = meta.num_tokens, meta.num_lora_tokens
-    if num_lora == num_tokens or 2 * num_lora >= num_tokens:
-        # every (or most) token(s) use the slot: compute all rows, zero the rest's rank vector
-        h = torch.mm(x if cdtype == x.dtype else x.to(cdtype), A_s.t())  # [T, n*r]
-        if num_lora != num_tokens:
-            h.mul_(_token_mask(meta, cdtype))
-        rows = None
+def _padded(y, x, A, B, meta, p, scale, output_slices, rank):
+    """Several slots: a dense [blocks, M, .] grid, one bmm shrink, one bmm expand (or one per slice)."""
+    num_blocks, max_tokens, num_slices = p.num_blocks, p.max_tokens, len(output_slices)
+    if p.span is not None:
+        A_b, B_b = A.narrow(0, *p.span), B.narrow(0, *p.span)  # views: no weight copy
     else:
-        rows = _lora_rows(meta)
-        h = torch.mm(x.index_select(0, rows).to(cdtype), A_s.t())  # [N, n*r]
-    if isinstance(scale, torch.Tensor):
-        _scale_rows(h, scale.to(cdtype), rank, s, len(output_slices))
-    if cdtype == y.dtype:
-        _expand_into(y, rows, h, B_s, scale, output_slices, rank)
-    else:
-        out = torch.zeros(h.shape[0], y.shape[1], dtype=cdtype, device=y.device)
-        _expand_into(out, None, h, B_s, scale, output_slices, rank)
-        if rows is None:
-            y.add_(out.to(y.dtype))
-        else:
-            y.index_add_(0, rows, out.to(y.dtype))
-    return y
-
-
-def _padded(y, x, A, B, meta, scale, output_slices, rank):
-    """Several slots: dense [U, M, .] blocks, one bmm shrink, one bmm expand per slice."""
-    cdtype = _compute_dtype(y.dtype)
-    pad_ids, valid = _padded_tables(meta, cdtype)
-    num_active, max_tokens = len(meta.active_slots_host), meta.max_tokens_per_slot
-    if num_active == meta.num_slots:
-        A_u, B_u = A, B  # every slot is active: the stacks themselves, no weight copy
-    else:
-        A_u, B_u = A.index_select(0, meta.active_slots), B.index_select(0, meta.active_slots)
-    if cdtype != y.dtype:
-        A_u, B_u = A_u.to(cdtype), B_u.to(cdtype)
-    xp = x.index_select(0, pad_ids).view(num_active, max_tokens, -1)  # [U, M, d_in]
-    if cdtype != xp.dtype:
-        xp = xp.to(cdtype)
-    h = torch.bmm(xp, A_u.transpose(1, 2))  # [U, M, n*r]
-    h.mul_(valid)
-    alpha = 1.0
-    if isinstance(scale, torch.Tensor):
-        _scale_rows(h, scale.to(cdtype), rank, meta.active_slots, len(output_slices))
-    elif cdtype != y.dtype:
-        h.mul_(scale)  # scale in float32 before the one rounding into y's half dtype
-    else:
-        alpha = scale  # free inside index_add_
+        A_b, B_b = A.index_select(0, p.block_ids), B.index_select(0, p.block_ids)
+    xp = x.index_select(0, p.pad_ids).view(num_blocks, max_tokens, x.shape[1])  # [blocks, M, d_in]
+    half = y.dtype in _HALF
+    if half:
+        xp, A_b, B_b = xp.float(), A_b.float(), B_b.float()
+    h = torch.bmm(xp, A_b.transpose(1, 2))  # [blocks, M, n*r]
+    factor, alpha = p.scaling(meta, scale, h.dtype, num_slices, rank, fold=half)
+    h.mul_(factor)
+    rows, d_total = num_blocks * max_tokens, y.shape[1]
+    if num_slices == 1 or max_tokens * num_slices <= _REPLICATE_MAX_ROWS:
+        # one bmm for every slice (each slice's h against all of B), into a buffer with zero
+        # tail rows for the tokens without a slot; then one gather back into token order
+        k = max_tokens * num_slices
+        buf, out = p.out_buffer(rows * num_slices, d_total, num_slices, (num_blocks, k, d_total), h.dtype, h.device)
+        torch.bmm(h.view(num_blocks, k, rank), B_b.transpose(1, 2), out=out)
+        if num_slices == 1:
+            delta = buf.index_select(0, p.inv)  # [T, d_out]
+            return y.add_(delta.to(y.dtype) if half else delta, alpha=alpha)
+        full = buf.view(rows + 1, num_slices, d_total).index_select(0, p.inv)  # [T, n, D]
+        return _add_diagonal_blocks(y, full.to(y.dtype) if half else full, output_slices, alpha)
     off = 0
     for i, d in enumerate(output_slices):
-        if len(output_slices) > 1:
-            h_i, B_i, y_i = h[:, :, i * rank : (i + 1) * rank], B_u[:, off : off + d], y[:, off : off + d]
-        else:
-            h_i, B_i, y_i = h, B_u, y
-        out = torch.bmm(h_i, B_i.transpose(1, 2)).view(num_active * max_tokens, d)  # [U*M, d]
-        y_i.index_add_(0, pad_ids, out if cdtype == y.dtype else out.to(y.dtype), alpha=alpha)
+        buf, out = p.out_buffer(rows, d, 1, (num_blocks, max_tokens, d), h.dtype, h.device)
+        torch.bmm(h.narrow(2, i * rank, rank), B_b.narrow(1, off, d).transpose(1, 2), out=out)
+        delta = buf.index_select(0, p.inv)
+        y.narrow(1, off, d).add_(delta.to(y.dtype) if half else delta, alpha=alpha)
         off += d
     return y
 
 
 def _group(y, x, A, B, meta, scale, output_slices, rank):
-    """Several slots, uneven counts: per active slot, gather its tokens and run ``_single``'s math."""
-    cdtype = _compute_dtype(y.dtype)
+    """Several slots, uneven counts (prefill): per active slot, gather its tokens, linear, linear, scatter."""
     sorted_ids = meta.sorted_token_ids
-    scale_c = scale.to(cdtype) if isinstance(scale, torch.Tensor) else scale
+    half = y.dtype in _HALF
+    num_slices = len(output_slices)
     for s, start, count in zip(meta.active_slots_host, meta.slot_starts_host, meta.tokens_per_slot_host):
         rows = sorted_ids[start : start + count]
-        A_s, B_s = A[s], B[s]
-        if cdtype != y.dtype:
-            A_s, B_s = A_s.to(cdtype), B_s.to(cdtype)
-        h = torch.mm(x.index_select(0, rows).to(cdtype), A_s.t())  # [count, n*r]
-        if isinstance(scale_c, torch.Tensor):
-            _scale_rows(h, scale_c, rank, s, len(output_slices))
-        if cdtype == y.dtype:
-            _expand_into(y, rows, h, B_s, scale_c, output_slices, rank)
+        A_s, B_s, xs = A.select(0, s), B.select(0, s), x.index_select(0, rows)
+        if half:
+            A_s, B_s, xs = A_s.float(), B_s.float(), xs.float()
+        h = F.linear(xs, A_s)  # [count, n*r]
+        alpha = 1.0
+        if isinstance(scale, torch.Tensor):
+            sc = scale.to(h.dtype)
+            h.mul_(sc[s] if sc.dim() == 1 else sc[:, s].repeat_interleave(rank))
+        elif half:
+            h.mul_(scale)
         else:
-            out = torch.zeros(count, y.shape[1], dtype=cdtype, device=y.device)
-            _expand_into(out, None, h, B_s, scale_c, output_slices, rank)
-            y.index_add_(0, rows, out.to(y.dtype))
+            alpha = scale
+        off = 0
+        for i, d in enumerate(output_slices):
+            h_i = h if num_slices == 1 else h.narrow(1, i * rank, rank)
+            delta = F.linear(h_i, B_s.narrow(0, off, d))  # [count, d]
+            y.narrow(1, off, d).index_add_(0, rows, delta.to(y.dtype) if half else delta, alpha=alpha)
+            off += d
     return y

@@ -104,7 +104,7 @@ def _args(T=3, S=2, r=4, d_in=8, d_out=6):
         (dict(scale="big"), "scale must be a float or a tensor"),
         (dict(slots=torch.tensor([0, 2, 1])), "slots must lie in [-1, 2)"),
         (dict(slots=torch.tensor([0, 1])), "covers 2 tokens but x has T=3"),
-        (dict(y=torch.zeros(3, 6, dtype=torch.int32)), "y must be float32, float16 or bfloat16"),
+        (dict(y=torch.zeros(3, 6, dtype=torch.int32)), "y must be float32, float16, bfloat16"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_tensor(change, message):

@@ -54,28 +54,42 @@ def test_half_precision_single_slot_paths(dtype):
         p.check(y)
 
 
-# Each strategy of the torch path, with the mapping that selects it.
+# Each strategy (and sub-path) of the torch path, with a mapping over S slots that selects it.
 PLAN_CASES = {
-    "single, every token": ("single", [1, 1, 1, 1, 1, 1]),
-    "single, masked -1 rows": ("single", [1, -1, 1, 1, 1, 1]),
-    "single, gathered rows": ("single", [-1, -1, -1, -1, 1, -1]),
-    "padded, all slots active": ("padded", [0, 1, 2, 3, 3, 2, 1, 0]),
-    "padded, some slots active": ("padded", [3, -1, 1, 3, 1, 1, -1, 3]),
-    "group, skewed counts": ("group", [0] * 20 + [1, 2, -1]),
+    "single, every token": ("single", [1, 1, 1, 1, 1, 1], 4),
+    "single, decode, one expand for all slices": ("single", [1, 1, 1, 1], 4),
+    "single, decode, masked -1 row": ("single", [1, -1, 1, 1], 4),
+    "single, masked -1 rows": ("single", [1, -1, 1, 1, 1, 1], 4),
+    "single, gathered rows": ("single", [-1, -1, -1, -1, 1, -1], 4),
+    "padded, all slots, one bmm expand": ("padded", [0, 1, 2, 3, 3, 2, 1, 0], 4),
+    "padded, slot range view with idle slots": ("padded", [3, -1, 1, 3, 1, 1, -1, 3], 4),
+    "padded, per-slice expand": ("padded", [2, 1] * 6 + [-1], 4),
+    "padded, copied active slots": ("padded", [0, 7, 7, 0, -1], 8),
+    "group, skewed counts": ("group", [0] * 20 + [1, 2, -1], 4),
 }
 
 
 @pytest.mark.parametrize("case", list(PLAN_CASES))
 @pytest.mark.parametrize("scale", ["float", "slot", "slice"])
-def test_each_strategy(case, scale):
-    strategy, slots = PLAN_CASES[case]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_strategy(case, scale, dtype):
+    strategy, slots, S = PLAN_CASES[case]
     slots = torch.tensor(slots)
-    meta = LoRAMeta.build(slots, 4)
+    meta = LoRAMeta.build(slots, S)
     assert torch_ops.plan(meta) == strategy
-    p = Problem(len(slots), 4, 8, d_in=33, output_slices=(20, 9, 9), slots=slots, scale=scale)
+    if "range view" in case:
+        assert meta.cache["torch"].span == (1, 3)  # slots 1..3 as a view
+    if "copied" in case:
+        assert meta.cache["torch"].span is None and meta.cache["torch"].block_ids.tolist() == [0, 7]
+    p = Problem(len(slots), S, 8, d_in=33, output_slices=(20, 9, 9), slots=slots, scale=scale, dtype=dtype)
     y = p.y.clone()
     add_lora_packed(y, p.x, p.A, p.B, meta, p.scale, p.output_slices, backend="torch")
     p.check(y)
+    # and the one-slice op over the same step
+    q = Problem(len(slots), S, 4, d_in=17, output_slices=(11,), slots=slots, scale="slot", dtype=dtype, seed=1)
+    y = q.y.clone()
+    add_lora(y, q.x, q.A, q.B, meta, q.scale, backend="torch")
+    q.check(y)
 
 
 def test_meta_reused_across_layers_shapes_and_dtypes():
@@ -143,3 +157,18 @@ def test_random_problems(T, S, rank, d_in, slices, scale, data):
     y = p.y.clone()
     add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
     p.check(y)
+
+
+def test_scales_written_between_steps_are_seen_by_the_next_step():
+    # per-step caches key on the scale tensor; the engine writes a slot's scale when it loads an
+    # adapter, between steps, and the next step's meta must see the new value
+    slots = torch.tensor([1, 1, 0, 1])
+    p = Problem(4, 2, 4, d_in=8, output_slices=(6,), slots=slots, scale="slot")
+    scale = p.scale.clone()
+    for step in range(2):
+        meta = LoRAMeta.build(slots, 2)
+        p.scale = scale.clone()
+        y = p.y.clone()
+        add_lora(y, p.x, p.A, p.B, meta, scale, backend="torch")
+        p.check(y)
+        scale[1] = 3.0 + step  # "load another adapter into slot 1"
