@@ -131,6 +131,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, i.e. the core count)")
     r.add_argument("--router-path", default=None, metavar="DIR", help="trained router dir (default: router.path)")
+    r.add_argument("--batch-sizes", default="1,8,32,128", metavar="N,N,...",
+                   help="batch sizes for the throughput part (default: 1,8,32,128)")
     r.set_defaults(func=_target("routers.bench:main"))
 
     e = bsub.add_parser("engine", help="engine throughput vs transformers+PEFT")

@@ -61,7 +61,7 @@ class EmbeddingRouter:
 
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Normalized embeddings ``[n, dim]`` from the shared frozen body."""
-        emb = encode(shared_body(self.body), texts, max_length=self.training.max_length, show_progress=show_progress)
+        emb = encode(shared_body(self.body, self.training.max_length), texts, show_progress=show_progress)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], topics: Sequence[str | None] | None = None) -> "EmbeddingRouter":

@@ -12,7 +12,7 @@ A program that prints numbers, never a test. It loads the trained router of the 
 
 The CPU is shared while developing, so the JSON carries the load average and each stage's
 ratio to the ``embed`` floor measured in the same run; compare ratios, rerun when quiet.
-Run: ``coe bench router --config experts.yaml --json out.json [--threads 2]``.
+Run: ``coe bench router --config experts.yaml --json out.json [--threads 2] [--batch-sizes 1,8,32,128]``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from coe.config import load_config
+from coe.errors import ConfigError
 from coe.types import RouteContext
 
 # Held-out messages of varied length and kind (none of them is an example in experts.yaml).
@@ -99,7 +100,7 @@ def run(chain: Any, repeats: int = 200, batch_sizes: Sequence[int] = (1, 8, 32, 
     for bs in batch_sizes:
         batch = [RouteContext(text=texts[i % len(texts)]) for i in range(bs)]
         chain.decide_batch(batch)
-        n_batches = max(2, min(20, 256 // bs))
+        n_batches = max(2, -(-repeats // bs))  # about `repeats` messages per batch size
         t0 = time.perf_counter()
         for _ in range(n_batches):
             chain.decide_batch(batch)
@@ -122,10 +123,16 @@ def main(args: argparse.Namespace) -> int:
     if not path.exists() and args.router_path is None:
         print(f"coe bench router: no trained router at {path}; training one first (as `coe serve` would)", file=sys.stderr)
         train_router(cfg)
+    try:
+        batch_sizes = tuple(int(x) for x in str(args.batch_sizes).split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers, e.g. 1,8,32") from None
+    if not batch_sizes or min(batch_sizes) < 1 or args.repeats < 1:
+        raise ConfigError("--batch-sizes and --repeats: expected positive integers", param="batch_sizes")
     router = load_router(path, cfg)
     chain = DecisionChain(cfg, router=router)
     load_before = os.getloadavg()
-    result = run(chain, repeats=args.repeats)
+    result = run(chain, repeats=args.repeats, batch_sizes=batch_sizes)
     result["meta"] = {
         "router": router.info.kind,
         "router_path": str(path),

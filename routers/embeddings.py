@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 EMBEDDED_BODY = "embedded:all-MiniLM-L6-v2"
 """How a saved router records that it was trained on the embedded default body."""
 
-_cache: dict[str, "SentenceTransformer"] = {}
+_cache: dict[tuple[str, int | None], "SentenceTransformer"] = {}
 _cache_lock = threading.Lock()
 
 
@@ -54,8 +54,12 @@ def resolve_body(spec: str) -> str:
     return embedded_body_path() if spec == EMBEDDED_BODY else spec
 
 
-def load_body(spec: str) -> "SentenceTransformer":
+def load_body(spec: str, max_length: int | None = None) -> "SentenceTransformer":
     """Load a fresh (trainable) copy of the body named by ``spec`` on the CPU.
+
+    Args:
+        spec: a ``body_spec`` string.
+        max_length: tokens per text kept by the tokenizer (``None``: the model's own limit).
 
     Raises:
         RouterError: the body cannot be loaded (missing dir, unknown hub id while offline).
@@ -64,7 +68,7 @@ def load_body(spec: str) -> "SentenceTransformer":
 
     target = resolve_body(spec)
     try:
-        return SentenceTransformer(target, device="cpu")
+        body = SentenceTransformer(target, device="cpu")
     except Exception as exc:  # noqa: BLE001 - ST raises many types (OSError, ValueError, HF errors)
         hint = "" if Path(target).exists() else " (not a local dir; as a hub id it must be in the local HF cache, since coe runs offline)"
         raise RouterError(
@@ -72,16 +76,26 @@ def load_body(spec: str) -> "SentenceTransformer":
             "set router.body to a sentence-transformers dir or null for the embedded all-MiniLM-L6-v2",
             param="router.body",
         ) from exc
+    if max_length is not None:
+        body.max_seq_length = max_length
+    return body
 
 
-def shared_body(spec: str) -> "SentenceTransformer":
-    """The process-wide frozen copy of the body named by ``spec`` (loaded once, in eval mode)."""
+def shared_body(spec: str, max_length: int | None = None) -> "SentenceTransformer":
+    """The process-wide frozen copy of the body named by ``spec`` (loaded once, in eval mode).
+
+    Args:
+        spec: a ``body_spec`` string.
+        max_length: tokens per text; bodies are cached per ``(spec, max_length)`` because the
+            limit lives in the tokenizer, and a shared object must never be changed per call.
+    """
+    key = (spec, max_length)
     with _cache_lock:
-        body = _cache.get(spec)
+        body = _cache.get(key)
         if body is None:
-            body = load_body(spec)
+            body = load_body(spec, max_length)
             body.eval()
-            _cache[spec] = body
+            _cache[key] = body
         return body
 
 
@@ -95,16 +109,18 @@ def encode(
     body: "SentenceTransformer",
     texts: Sequence[str],
     *,
-    max_length: int | None = None,
     batch_size: int = 64,
     show_progress: bool = False,
 ) -> np.ndarray:
     """Embed ``texts`` with ``body`` (its own pooling and normalization modules included).
 
+    Thread-safe: calls on the same body are serialized by a per-body lock, because a fast
+    tokenizer shared between threads fails with "Already borrowed" when two calls overlap.
+    The body is switched to eval mode (dropout off) on first use if it was left training.
+
     Args:
-        body: a sentence-transformers model.
+        body: a sentence-transformers model; its ``max_seq_length`` truncates the texts.
         texts: the texts; may be empty.
-        max_length: token limit per text (``None``: the body's ``max_seq_length``).
         batch_size: texts per forward pass; batches are formed after sorting by length so
             padding stays small.
         show_progress: a tqdm bar over batches (for training sets, not per request).
@@ -121,22 +137,21 @@ def encode(
     texts = [str(t) for t in texts]
     order = np.argsort([-len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), dim), dtype=np.float32)
-    previous = body.max_seq_length
-    if max_length is not None:
-        body.max_seq_length = max_length
-    was_training = body.training
-    body.eval()
-    try:
-        starts = range(0, len(texts), batch_size)
-        bar = tqdm(starts, desc="encoding", unit="batch", disable=not show_progress or len(starts) < 2)
-        with torch.inference_mode():
-            for start in bar:
-                idx = order[start : start + batch_size]
-                features = body.preprocess([texts[i] for i in idx])
-                emb = body(features)["sentence_embedding"]
-                out[idx] = emb.float().numpy()
-    finally:
-        body.max_seq_length = previous
-        if was_training:
-            body.train()
+    starts = range(0, len(texts), batch_size)
+    bar = tqdm(starts, desc="encoding", unit="batch", disable=not show_progress or len(starts) < 2)
+    with _body_lock(body), torch.inference_mode():
+        if body.training:
+            body.eval()
+        for start in bar:
+            idx = order[start : start + batch_size]
+            features = body.preprocess([texts[i] for i in idx])
+            out[idx] = body(features)["sentence_embedding"].float().numpy()
     return out
+
+
+def _body_lock(body: "SentenceTransformer") -> threading.Lock:
+    lock = body.__dict__.get("_coe_encode_lock")
+    if lock is None:
+        with _cache_lock:
+            lock = body.__dict__.setdefault("_coe_encode_lock", threading.Lock())
+    return lock

@@ -98,8 +98,7 @@ class SetFitRouter:
 
         started = time.perf_counter()
         set_seed(self.seed)
-        body = load_body(self.body)
-        body.max_seq_length = t.max_length
+        body = load_body(self.body, t.max_length)
         if t.end_to_end:
             # SetFit's differentiable head trains on integer ids; column i is classes[i].
             from setfit.modeling import SetFitHead
@@ -133,6 +132,7 @@ class SetFitRouter:
             )
             trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": list(texts), "label": y}))
             trainer.train()
+        model.model_body.eval()
         self.model = model
         self.classes = classes
         self.info = RouterInfo(
@@ -173,7 +173,7 @@ class SetFitRouter:
 
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """The tuned body's embeddings of ``texts`` (what the head sees)."""
-        emb = encode(self.model.model_body, texts, max_length=self.training.max_length, show_progress=show_progress)
+        emb = encode(self.model.model_body, texts, show_progress=show_progress)
         if self.model.normalize_embeddings:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
@@ -207,6 +207,7 @@ class SetFitRouter:
         })
         router = cls(body=info.body, training=training, seed=info.seed)
         router.model = SetFitModel.from_pretrained(str(path), local_files_only=True, device="cpu")
+        router.model.model_body.max_seq_length = training.max_length
         router.model.model_body.eval()
         router.classes = tuple(info.extra.get("classes") or info.experts)
         router.info = info

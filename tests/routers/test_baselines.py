@@ -80,17 +80,31 @@ def test_topics_train_as_classes_and_sum_per_expert(kind):
     assert [r.experts[i] for i in p.argmax(axis=1)] == list(HELD_OUT.values())
 
 
-def test_the_body_is_loaded_once_per_process():
-    assert shared_body(EMBEDDED_BODY) is shared_body(EMBEDDED_BODY)
+def test_the_body_is_loaded_once_per_process(trained):
+    body = shared_body(EMBEDDED_BODY, trained["centroid"].training.max_length)
+    assert body is shared_body(EMBEDDED_BODY, 128)
+    assert all(r.training.max_length == 128 for r in trained.values())
+    assert body.max_seq_length == 128
 
 
 def test_fast_encode_matches_sentence_transformers_encode():
-    body = shared_body(EMBEDDED_BODY)
+    body = shared_body(EMBEDDED_BODY, 128)
     texts = ["short", "a much longer message about tables, joins and many other things " * 3, "mid length text"]
     ours = encode(body, texts)
     ref = body.encode(texts, convert_to_numpy=True, show_progress_bar=False)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     assert encode(body, []).shape == (0, ours.shape[1])
+
+
+def test_encode_is_thread_safe():
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = shared_body(EMBEDDED_BODY, 128)
+    texts = [f"message number {i} about {'tables' if i % 2 else 'poems'}" for i in range(24)]
+    expected = encode(body, texts)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: encode(body, [t])[0], texts))
+    np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
 
 
 def test_untrained_router_says_so():
