@@ -305,7 +305,7 @@ class Pipeline:
         Returns:
             The ``RouteDecision``.
         """
-        model = model or AUTO
+        model = AUTO if model is None else model
         self._check_model(model)
         if model in self._runtime and model not in self._experts:
             return RouteDecision(expert=model, source="explicit", reason=f"the request named runtime-loaded adapter {model!r}")

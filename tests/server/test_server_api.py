@@ -178,3 +178,31 @@ def test_draining_server_answers_503(client):
     assert r.status_code == 503 and "Retry-After" in r.headers
     assert client.get("/ready").status_code == 503
     assert client.get("/health").status_code == 200
+
+
+def test_empty_model_is_unknown(client):
+    r = chat(client, "hi", model="")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_lifespan_builds_and_shuts_down_the_pipeline(fake_setup, monkeypatch):
+    """create_app(config) without a pipeline: the lifespan builds it, and shuts it down on exit."""
+    from litestar.testing import TestClient
+
+    from coe.pipeline import Pipeline
+    from coe.server.app import create_app
+    from coe.server.auth import ApiKeys
+
+    cfg, engine, pipeline = fake_setup
+    calls = []
+
+    def from_config(config, engine=None, train_router_if_missing=False, **kw):
+        calls.append((config, train_router_if_missing))
+        return pipeline
+
+    monkeypatch.setattr(Pipeline, "from_config", staticmethod(from_config))
+    with TestClient(create_app(cfg, train_router_if_missing=True, api_keys=ApiKeys())) as c:
+        assert c.get("/ready").status_code == 200
+        assert chat(c, "select from table").json()["coe"]["expert"] == "sql"
+    assert calls == [(cfg, True)]
+    assert engine.shutdown_called
