@@ -97,24 +97,20 @@ class LoRAMeta:
             raise ValueError(f"num_slots must be a positive int (the stacked slot count S); got {num_slots!r}")
         device = torch.device(device) if device is not None else slots.device
         host = slots.to("cpu", torch.int64)
-        num_tokens = host.numel()
+        values = host.tolist()  # the grouping below is plain Python: T is small, and ops cost more
+        num_tokens = len(values)
 
         self = cls.__new__(cls)
         self.num_tokens = num_tokens
         self.num_slots = num_slots
-        self.device = device
         self.cache = {}
-        if num_tokens:
-            lo, hi = torch.aminmax(host)
-            lo, hi = int(lo), int(hi)
-            if lo < -1 or hi >= num_slots:
-                bad = host[(host < -1) | (host >= num_slots)]
-                raise ValueError(
-                    f"slots must lie in [-1, {num_slots}) for num_slots={num_slots}; "
-                    f"got {bad[:8].tolist()} among {num_tokens} tokens"
-                )
-        else:
-            hi = -1
+        lo, hi = (min(values), max(values)) if values else (-1, -1)
+        if lo < -1 or hi >= num_slots:
+            bad = [v for v in values if v < -1 or v >= num_slots]
+            raise ValueError(
+                f"slots must lie in [-1, {num_slots}) for num_slots={num_slots}; "
+                f"got {bad[:8]} among {num_tokens} tokens"
+            )
         self.any_lora = hi >= 0
         self.slots = host.to(device, non_blocking=True) if device != host.device else host
         self.device = device = self.slots.device  # "cuda" -> "cuda:0", so device checks compare equal
@@ -129,25 +125,32 @@ class LoRAMeta:
             self.single_slot = -1
             return self
 
-        sorted_slots, order = torch.sort(host, stable=True)
-        counts = torch.bincount(host[host >= 0], minlength=num_slots)
-        active = torch.nonzero(counts).flatten()
-        per_slot = counts[active]
-        num_none = num_tokens - int(per_slot.sum())
-        starts = torch.cumsum(per_slot, 0) - per_slot + num_none
+        by_slot: dict[int, list[int]] = {}
+        for t, s in enumerate(values):
+            by_slot.setdefault(s, []).append(t)  # stable: tokens keep their order within a slot
+        order = by_slot.pop(-1, [])
+        num_none = len(order)
+        active = sorted(by_slot)
+        counts, starts = [], []
+        for s in active:
+            starts.append(len(order))
+            counts.append(len(by_slot[s]))
+            order.extend(by_slot[s])
 
-        self.active_slots_host = tuple(active.tolist())
-        self.tokens_per_slot_host = tuple(per_slot.tolist())
-        self.slot_starts_host = tuple(starts.tolist())
+        self.active_slots_host = tuple(active)
+        self.tokens_per_slot_host = tuple(counts)
+        self.slot_starts_host = tuple(starts)
         self.num_lora_tokens = num_tokens - num_none
-        self.max_tokens_per_slot = max(self.tokens_per_slot_host)
-        self.single_slot = self.active_slots_host[0] if len(self.active_slots_host) == 1 else -1
-        if device != host.device:
-            order, active, per_slot, starts = (t.to(device, non_blocking=True) for t in (order, active, per_slot, starts))
-        self.sorted_token_ids = order
-        self.active_slots = active
-        self.tokens_per_slot = per_slot
-        self.slot_starts = starts
+        self.max_tokens_per_slot = max(counts)
+        self.single_slot = active[0] if len(active) == 1 else -1
+        packed = torch.tensor([order, active + [0] * (num_tokens - len(active))], dtype=torch.int64)
+        table = torch.tensor([counts, starts], dtype=torch.int64)
+        if device != packed.device:
+            packed, table = packed.to(device, non_blocking=True), table.to(device, non_blocking=True)
+        self.sorted_token_ids = packed[0]
+        self.active_slots = packed[1, : len(active)]
+        self.tokens_per_slot = table[0]
+        self.slot_starts = table[1]
         return self
 
     def __repr__(self) -> str:

@@ -15,7 +15,9 @@ of copying activations or weights.
 Both kernels mask the token tail (slots with fewer tokens than BLOCK_M), the column tail (d not a
 multiple of BLOCK_N), the K tail, and ranks below BLOCK_R, so any shape works. The grid is sized
 from T and S, never from this step's counts, and programs with no work return at once: the
-launch needs no host value derived from the device, so it can be captured in a CUDA graph.
+launch reads nothing back from the device. Tile sizes follow the step's host-side counts (which
+only changes how much of a tile is masked), so a captured CUDA graph stays correct when replayed
+with other counts, provided the engine keeps the metadata tensors static (see kernels/README.md).
 No pointer arrays are loaded, so the kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors
 (correct but slow: tests only).
 
@@ -218,23 +220,30 @@ def _slice_starts(output_slices: tuple[int, ...], device: torch.device, cache: d
     return starts
 
 
-def _shrink_config(num_tokens: int, num_slots: int, n: int, k: int) -> dict:
+def _block_m(tokens_per_slot: int) -> int:
+    """Token tile from this step's largest slot (a host int: no sync). Any value is correct,
+    since the grid covers T tokens per slot whatever the tile; it only sets how much of each
+    tl.dot is masked padding."""
+    return 16 if tokens_per_slot <= 16 else (32 if tokens_per_slot <= 32 else 64)
+
+
+def _shrink_config(tokens_per_slot: int, num_active: int, n: int, k: int) -> dict:
     """Tiles for the shrink: [tokens of a slot] x [d_in] @ [d_in, n*r]. Memory bound on A and x."""
-    block_m = 16 if num_tokens <= 64 else (32 if num_tokens <= 512 else 64)
+    block_m = _block_m(tokens_per_slot)
     block_n = max(16, min(triton.next_power_of_2(n), 128))
     block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
-    # split K until the grid holds about 4 programs per SM (132 SMs on an H100/H200); the token
-    # and slot axes alone give too few programs in decode (T=16 over 8 slots: 8 programs)
-    programs = triton.cdiv(num_tokens, block_m) * triton.cdiv(n, block_n) * num_slots
+    # split K until about 4 programs per SM (132 SMs on an H100/H200) do work; the token and slot
+    # axes alone give too few in decode (16 tokens over 8 slots: 8 programs)
+    programs = triton.cdiv(tokens_per_slot, block_m) * triton.cdiv(n, block_n) * num_active
     split_k = 1
     while split_k < 32 and programs * split_k < 512 and k >= 2 * block_k * split_k:
         split_k *= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
-def _expand_config(num_tokens: int, rank: int, width: int) -> dict:
+def _expand_config(tokens_per_slot: int, rank: int, width: int) -> dict:
     """Tiles for the expand: [tokens of a slot] x [r] @ [r, d_i]. Memory bound on B and y."""
-    block_m = 16 if num_tokens <= 64 else 64
+    block_m = _block_m(tokens_per_slot)
     block_n = 128 if width >= 128 else max(16, triton.next_power_of_2(width))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4, num_stages=2)
 
@@ -273,7 +282,7 @@ def lora_shrink(
     num_tokens, k = x.shape
     num_slots, n, _ = A.shape
     sorted_ids, slot_ids, slot_counts, slot_starts = _kernel_meta(meta)
-    cfg = _shrink_config(num_tokens, num_slots, n, k)
+    cfg = _shrink_config(meta.max_tokens_per_slot, len(meta.active_slots_host), n, k)
     alloc = torch.zeros if cfg["SPLIT_K"] > 1 else torch.empty
     h = alloc(num_tokens, n, dtype=torch.float32, device=x.device)
     num_n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
@@ -317,7 +326,7 @@ def lora_expand(
     num_slots, _, rank = B.shape
     sorted_ids, slot_ids, slot_counts, slot_starts = _kernel_meta(meta)
     slice_starts = _slice_starts(output_slices, y.device, meta.cache)
-    cfg = _expand_config(num_tokens, rank, max(output_slices))
+    cfg = _expand_config(meta.max_tokens_per_slot, rank, max(output_slices))
     num_n_blocks = triton.cdiv(max(output_slices), cfg["BLOCK_N"])
     if isinstance(scale, torch.Tensor):
         table = scale if scale.dim() == 2 else scale.unsqueeze(0)
