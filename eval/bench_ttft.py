@@ -44,7 +44,8 @@ def _ttft(client: Any, url: str, model: str, text: str, max_tokens: int) -> floa
         if resp.status_code != 200:
             resp.read()
             raise RuntimeError(f"{model}: HTTP {resp.status_code}: {resp.text[:300]}")
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()
+        for line in lines:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -55,7 +56,7 @@ def _ttft(client: Any, url: str, model: str, text: str, max_tokens: int) -> floa
                 break
         else:
             raise RuntimeError(f"{model}: the stream ended without content (max_tokens too small?)")
-        for _ in resp.iter_lines():  # drain, so the next request starts on an idle server
+        for _ in lines:  # drain, so the next request starts on an idle server
             pass
     return elapsed
 
