@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -124,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``coe bench ttft``."""
     from coe.config import load_config
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the output
     cfg = load_config(args.config)
     prompts = _prompts(cfg)
     if not prompts:
@@ -135,7 +137,9 @@ def main(args: argparse.Namespace) -> int:
     api_key = os.environ.get("COE_API_KEY", "").split(",")[0].strip() or (cfg.serving.api_keys[0] if cfg.serving.api_keys else None)
     setup: dict[str, Any] = {"config": str(cfg.source_path), "router": cfg.router.type,
                              "backend": cfg.base_model.backend, "base_model": cfg.base_model.served_id,
-                             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version()}
+                             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
+                             # a shared CPU makes every number noisy: record how busy it was
+                             "loadavg_1m_before": round(os.getloadavg()[0], 2)}
     url = getattr(args, "url", None)
     if url:
         result = run(url.rstrip("/"), prompts, requests, max_tokens, api_key)
@@ -168,6 +172,7 @@ def main(args: argparse.Namespace) -> int:
             server.should_exit = True
             thread.join(timeout=30)
             pipeline.shutdown(0)
+    setup["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     result["setup"] = setup
     text = json.dumps(result, indent=2)
     print(text)
