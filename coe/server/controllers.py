@@ -18,11 +18,12 @@ from msgspec import UNSET
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
-from coe.errors import EngineUnavailable
+from coe.errors import EngineUnavailable, InvalidRequest
 from coe.pipeline import Pipeline, PipelineResult, RoutedRequest, TextDelta
+from coe.types import last_user_text
 from coe.server import schemas as S
 from coe.server.errors import DECISION_KEY, error_payload
-from coe.server.metrics import Metrics
+from coe.server.metrics import CONTENT_TYPE, Metrics
 from coe.server.streaming import DONE, SSE_HEADERS, cancel_on_disconnect, sse_event
 
 
@@ -215,9 +216,6 @@ class OpenAIController(Controller):
     @post("/route", status_code=200)
     async def route(self, data: S.RouteRequest, pipeline: Pipeline, metrics: Metrics) -> S.RouteResponse:
         """The routing decision (with per-expert scores) for ``messages`` or ``text``; no generation."""
-        from coe.errors import InvalidRequest
-        from coe.types import last_user_text
-
         if (data.messages is None) == (data.text is None):
             raise InvalidRequest("give exactly one of `messages` or `text`", param="messages")
         messages = [m.to_message() for m in data.messages] if data.messages is not None else None
@@ -257,8 +255,6 @@ class AdminController(Controller):
     async def load_lora_adapter(self, data: S.LoadLoraRequest, pipeline: Pipeline, metrics: Metrics) -> dict[str, Any]:
         """Load an adapter from under ``serving.adapter_roots``; usable as ``model`` at once."""
         if data.load_inplace:
-            from coe.errors import InvalidRequest
-
             raise InvalidRequest("load_inplace is not supported; unload the adapter, then load it again",
                                  param="load_inplace")
         row = await anyio.to_thread.run_sync(pipeline.load_adapter, data.lora_name, data.lora_path)
@@ -299,6 +295,4 @@ class HealthController(Controller):
     @get("/metrics", sync_to_thread=True, media_type="text/plain")
     def metrics(self, metrics: Metrics) -> Response:
         """Prometheus text format."""
-        from coe.server.metrics import CONTENT_TYPE
-
         return Response(content=metrics.render(), media_type=CONTENT_TYPE)
