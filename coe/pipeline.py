@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Protocol, Sequence
 
@@ -138,19 +138,22 @@ class TextDelta:
     token_ids: tuple[int, ...] = ()
 
 
-@dataclass
 class ChatStream:
     """A synchronous stream: iterate for text pieces; ``result`` is set at the end.
 
     Args:
         request: the routed request (``request.decision`` is known before the first token).
+        items: the backend's stream (deltas, then one final output).
+        close: cancels the backend stream (frees its engine slot).
+        pipeline: the pipeline that builds the final ``PipelineResult``.
     """
 
-    request: RoutedRequest
-    _items: Iterator[Any] = field(repr=False, default=iter(()))
-    _close: Any = field(repr=False, default=None)
-    result: PipelineResult | None = None
-    _pipeline: "Pipeline | None" = field(repr=False, default=None)
+    def __init__(self, request: RoutedRequest, items: Iterator[Any], close: Any, pipeline: "Pipeline") -> None:
+        self.request = request
+        self.result: PipelineResult | None = None
+        self._items = items
+        self._close = close
+        self._pipeline = pipeline
 
     @property
     def decision(self) -> RouteDecision:
@@ -161,7 +164,6 @@ class ChatStream:
         try:
             for item in self._items:
                 if _is_final(item):
-                    assert self._pipeline is not None
                     self.result = self._pipeline._result(self.request, item)
                     rest = _unsent(item.text, sent)
                     if rest:
@@ -530,7 +532,7 @@ class Pipeline:
         """Route a chat and stream the answer: iterate for text; ``.decision`` is known at once."""
         req = self.prepare_chat(messages, model, metadata, _sampling_params(sampling))
         it = self.backend.stream(req.prompt, **self._backend_kwargs(req))
-        return ChatStream(req, iter(it), getattr(it, "close", None), None, self)
+        return ChatStream(req, iter(it), getattr(it, "close", None), self)
 
     # ------------------------------------------------------------------ models and adapters
 
