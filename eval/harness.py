@@ -2,11 +2,12 @@
 
 For each router kind asked for, the harness:
 1. trains it on the TRAIN rows only (``router.fit``), timing it;
-2. if VAL is given, calibrates the global threshold on the router's VAL scores
+2. routes every TEST row through the config's ``DecisionChain`` (rules as configured) in
+   batches, timing the batches for throughput, then times single-message decisions;
+3. if VAL is given, calibrates the global threshold on the router's VAL scores
    (``eval.metrics.calibrate_threshold``: the highest threshold keeping ``--min-acceptance`` of
    in-scope rows, which maximises OOS recall under that budget); otherwise keeps the config's;
-3. routes every TEST row through the config's ``DecisionChain`` (rules as configured) in
-   batches, timing the batches for throughput, then times single-message decisions;
+   then decides TEST again at that threshold from the scores kept in step 2 (no re-encoding);
 4. scores the decisions (``eval.metrics``) and writes ``report.json``, ``report.md``,
    ``confusion.png`` and ``threshold.png`` (``eval.report``).
 
@@ -153,29 +154,38 @@ def evaluate_router(
     train_seconds = time.perf_counter() - t0
     experts = tuple(router.experts)
 
-    calibration = None
-    threshold = cfg.router.threshold
-    if val and cfg.router.fallback is not None:  # without a fallback the threshold changes no pick
-        val_proba = _predict_proba(router, [r.text for r in val], settings.batch_size, f"{kind}: scoring val")
-        calibration = metrics.calibrate_threshold(
-            val_proba, experts, [r.label for r in val], fallback, settings.min_acceptance, own
-        )
-        threshold = calibration.threshold
-    chain = make_chain(cfg.replace(router=dataclasses.replace(cfg.router, threshold=threshold)), router=router)
-
+    # 1. The timed pass: the chain over TEST in batches, as a server would run it. This is the
+    #    only time TEST is encoded; its scores are kept for everything that follows.
+    timed_chain = make_chain(cfg, router=router)
     contexts = [RouteContext(text=r.text) for r in test]
-    decisions: list[RouteDecision] = []
+    first: list[RouteDecision] = []
     batch_seconds = 0.0
     for start in tqdm(range(0, len(contexts), settings.batch_size), desc=f"{kind}: routing test", unit="batch"):
         chunk = contexts[start : start + settings.batch_size]
         t0 = time.perf_counter()
-        decisions.extend(chain.decide_batch(chunk))
+        first.extend(timed_chain.decide_batch(chunk))
         batch_seconds += time.perf_counter() - t0
-    latencies = _single_latencies(chain, contexts, settings.latency_samples)
+    latencies = _single_latencies(timed_chain, contexts, settings.latency_samples)
+    test_texts = [r.text for r in test]
+    proba = _proba_from_decisions(router, experts, first, test_texts)
+
+    # 2. Calibrate on VAL (reusing TEST's scores when they are the same rows).
+    calibration = None
+    threshold = cfg.router.threshold
+    if val and cfg.router.fallback is not None:  # without a fallback the threshold changes no pick
+        val_proba = proba if val is test else _predict_proba(router, [r.text for r in val], settings.batch_size, f"{kind}: scoring val")
+        calibration = metrics.calibrate_threshold(
+            val_proba, experts, [r.label for r in val], fallback, settings.min_acceptance, own
+        )
+        threshold = calibration.threshold
+
+    # 3. The decisions at that threshold, through the same chain (rules included), over the kept scores.
+    chain = make_chain(cfg.replace(router=dataclasses.replace(cfg.router, threshold=threshold)),
+                       router=_KeptScores(router, dict(zip(test_texts, proba))))
+    decisions = list(chain.decide_batch(contexts))
 
     y_true = [r.label for r in test]
     y_pred = [d.expert if d.expert is not None else BASE_MODEL for d in decisions]
-    proba = _proba_from_decisions(router, experts, decisions, [r.text for r in test])
     labels = list(dict.fromkeys([*cfg.expert_names, *( [BASE_MODEL] if fallback == BASE_MODEL else [])]))
     entry: dict[str, Any] = {
         "router": kind,
@@ -249,7 +259,7 @@ def main(args: argparse.Namespace) -> int:
 
         seed = 42 if args.seed is None else args.seed
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-        kind = "setfit" if args.router == "all" else args.router
+        kind = "setfit" if args.router == "all" else args.router.split(",")[0].strip()
         files = build_clinc150(data_dir, out / "data", shots=args.shots, seed=seed, oos_train=args.oos_train, router_type=kind)
         args = argparse.Namespace(**{**vars(args), "config": str(files.config), "train": str(files.train), "val": str(files.val),
                                      "seed": seed})
@@ -261,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--test: required; pass the JSONL rows to score (or use --benchmark clinc150)", param="test")
 
     cfg = load_config(args.config)
-    kinds = list(TRAINABLE_ROUTERS) if args.router == "all" else [args.router]
+    kinds = list(TRAINABLE_ROUTERS) if args.router == "all" else [k.strip() for k in args.router.split(",") if k.strip()]
     for kind in kinds:
         if kind not in TRAINABLE_ROUTERS:
             raise ConfigError(f"--router: {kind!r} is not a trainable router; expected one of {', '.join(TRAINABLE_ROUTERS)} or all",
@@ -309,6 +319,27 @@ def _proba_from_decisions(router: Any, experts: Sequence[str], decisions: Sequen
     if missing:
         proba[missing] = _predict_proba(router, [texts[i] for i in missing], 64, "scoring rule-decided rows")
     return proba
+
+
+class _KeptScores:
+    """A router that answers from scores already computed (by text), and asks the real one otherwise.
+
+    Lets the harness re-decide TEST at the calibrated threshold without encoding it again.
+    """
+
+    def __init__(self, router: Any, kept: dict[str, np.ndarray]) -> None:
+        self.router, self.kept = router, kept
+        self.info = getattr(router, "info", None)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(self.router.experts)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in texts if t not in self.kept]
+        if missing:
+            self.kept.update(zip(missing, np.asarray(self.router.predict_proba(missing), dtype=float)))
+        return np.stack([self.kept[t] for t in texts]) if texts else np.zeros((0, len(self.experts)))
 
 
 def _single_latencies(chain: Any, contexts: Sequence[RouteContext], n: int) -> list[float]:
