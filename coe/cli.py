@@ -65,7 +65,8 @@ def _add_eval_router(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", default=None, metavar="JSONL", help="validation rows, used to calibrate the threshold")
     p.add_argument("--test", default=None, metavar="JSONL", help="test rows")
     p.add_argument("--out", required=True, metavar="DIR", help="report directory")
-    p.add_argument("--router", default="setfit", help="setfit | centroid | logreg | knn | all (default: setfit)")
+    p.add_argument("--router", default="setfit",
+                   help="setfit | centroid | logreg | knn, a comma-separated list of them, or all (default: setfit)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: router.seed of the config)")
     p.add_argument("--benchmark", default=None, choices=["clinc150"], help="build a benchmark's files and config, then run")
     p.add_argument("--shots", type=int, default=4, help="benchmark examples per intent (default: 4)")
