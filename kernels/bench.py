@@ -11,6 +11,9 @@ Prints one JSON document on stdout (progress goes to stderr). Two sections:
   ``add_lora`` for o and down, all sharing one ``LoRAMeta`` over 8 stacked slots, against the same
   four projections done PEFT-style and against the layer's four base GEMMs; plus the per-step
   ``LoRAMeta.build`` cost and the cost of a step without adapters.
+* ``strategies``: the CPU formulations considered for the torch path (group-by-slot, gathered
+  bmm, gathered einsum, dense over all slots, PEFT's loop) against what ``torch`` picks, on one
+  projection; how the single/padded/group choice was made.
 
 Timing: the candidates of a cell run interleaved, round after round, so that load from other
 processes hits them alike; each number is the median over rounds, and each speedup is the median
@@ -74,6 +77,52 @@ def peft_style(y, x, A, B, adapter_names: list[int], scale: float, output_slices
             y[rows, off : off + d] += out
         off += d
     return y
+
+
+# Strategies measured for the CPU path (kernels/README.md, "strategy choice"); ``torch`` picks one
+# of single/padded/group per step. Each takes (y, x, A, B, slots, scale) for one projection.
+def group_by_slot(y, x, A, B, slots, scale):
+    """Per active slot: index_select -> mm -> mm -> index_add_ (host loop over slots)."""
+    for s in torch.unique(slots).tolist():
+        if s >= 0:
+            rows = torch.nonzero(slots == s).flatten()
+            y.index_add_(0, rows, (x.index_select(0, rows) @ A[s].t()) @ B[s].t(), alpha=scale)
+    return y
+
+
+def gathered_bmm(y, x, A, B, slots, scale):
+    """Each token's own copy of its slot's A and B (index_select), two bmm; -1 rows masked."""
+    idx = slots.clamp(min=0)
+    h = torch.bmm(A.index_select(0, idx), x.unsqueeze(2))  # [T, r, 1]
+    h.mul_((slots >= 0).to(h.dtype).view(-1, 1, 1))
+    return y.add_(torch.bmm(B.index_select(0, idx), h).squeeze(2), alpha=scale)
+
+
+def gathered_einsum(y, x, A, B, slots, scale):
+    """As gathered_bmm, through einsum (the few-token formulation)."""
+    idx = slots.clamp(min=0)
+    h = torch.einsum("trd,td->tr", A.index_select(0, idx), x) * (slots >= 0).to(x.dtype).unsqueeze(1)
+    return y.add_(torch.einsum("tor,tr->to", B.index_select(0, idx), h), alpha=scale)
+
+
+def dense_all_slots(y, x, A, B, slots, scale):
+    """Shrink against every slot in one mm, keep each token's own slot, expand as a bmm over slots."""
+    S, r, _ = A.shape
+    h = torch.mm(x, A.reshape(S * r, -1).t()).view(-1, S, r)  # [T, S, r]
+    onehot = torch.nn.functional.one_hot(slots.clamp(min=0), S).to(h.dtype) * (slots >= 0).to(h.dtype).unsqueeze(1)
+    h.mul_(onehot.unsqueeze(2))
+    return y.add_(torch.bmm(h.transpose(0, 1), B.transpose(1, 2)).sum(0), alpha=scale)
+
+
+STRATEGIES = {
+    "peft_loop": None,  # peft_style, with the host-side adapter names PEFT keeps per request
+    "group_by_slot": group_by_slot,
+    "gathered_bmm": gathered_bmm,
+    "gathered_einsum": gathered_einsum,
+    "dense_all_slots": dense_all_slots,
+}
+STRATEGY_CELLS = ((1, 1), (4, 4), (16, 1), (16, 8), (64, 8), (256, 8))  # (tokens, adapters)
+STRATEGY_DIMS = ((576, 1536), (1536, 576))
 
 
 def _slots(num_tokens: int, num_adapters: int, seed: int = 0) -> torch.Tensor:
@@ -226,6 +275,32 @@ def engine_decode_cell(num_tokens, num_adapters, rank, budget_s) -> dict:
     return row
 
 
+def strategy_cell(num_tokens, num_adapters, d_in, d_out, budget_s) -> dict:
+    """The candidate CPU strategies on one projection (S = 8 slots, r = 16, fp32), against ours."""
+    gen = torch.Generator().manual_seed(2)
+    S, rank = 8, 16
+    x = torch.randn(num_tokens, d_in, generator=gen)
+    A = torch.randn(S, rank, d_in, generator=gen) / d_in**0.5
+    B = torch.randn(S, d_out, rank, generator=gen) / rank**0.5
+    y = torch.zeros(num_tokens, d_out)
+    slots = _slots(num_tokens, num_adapters, seed=3)
+    names = slots.tolist()
+    meta = LoRAMeta.build(slots, S)
+    fns = {"ours": lambda: add_lora(y, x, A, B, meta, 0.5, backend="torch")}
+    want = add_lora(torch.zeros_like(y), x, A, B, meta, 0.5, backend="torch")
+    for name, fn in STRATEGIES.items():
+        if fn is None:
+            fns[name] = lambda: peft_style(y, x, A, B, names, 0.5)
+            continue
+        got = fn(torch.zeros_like(y), x, A, B, slots, 0.5)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), f"strategy {name} disagrees with ours"
+        fns[name] = lambda fn=fn: fn(y, x, A, B, slots, 0.5)
+    times = _time_cpu(fns, budget_s)
+    row = dict(tokens=num_tokens, adapters=num_adapters, d_in=d_in, d_out=d_out, ours_strategy=torch_ops.plan(meta))
+    row.update({f"{name}_us": _median_us(t) for name, t in times.items()})
+    return row
+
+
 def _summary(grid: list[dict]) -> dict:
     cpu = [r for r in grid if r["device"] == "cpu"]
     out = {}
@@ -247,6 +322,10 @@ def _summary(grid: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny subset of each section (seconds)")
+    parser.add_argument(
+        "--sections", default="grid,engine_decode,strategies",
+        help="comma-separated sections to run (default: all)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per CPU cell (default 1.0)")
     parser.add_argument(
@@ -264,11 +343,23 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens, adapters, dims = GRID_TOKENS, GRID_ADAPTERS, GRID_DIMS
     decode = [(t, a, r) for r in DECODE_RANKS for t in DECODE_TOKENS for a in DECODE_ADAPTERS]
+    strategy_cells = [(t, a, d_in, d_out) for d_in, d_out in STRATEGY_DIMS for t, a in STRATEGY_CELLS]
     if args.quick:
         tokens, adapters, dims = (1, 16), (1, 8), ((576, 576),)
         decode = [(16, 8, 16)]
+        strategy_cells = [(16, 8, 576, 1536)]
     devices = ([] if args.no_cpu else ["cpu"]) + (["cuda"] if torch.cuda.is_available() else [])
 
+    sections = set(args.sections.split(","))
+    unknown = sections - {"grid", "engine_decode", "strategies"}
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from grid, engine_decode, strategies")
+    if "grid" not in sections:
+        devices = []
+    if "engine_decode" not in sections:
+        decode = []
+    if "strategies" not in sections:
+        strategy_cells = []
     grid = []
     for device in devices:
         for d_in, d_out in dims:
@@ -276,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
                 for num_adapters in adapters:
                     print(f"grid {device} T={num_tokens} adapters={num_adapters} {d_in}x{d_out}", file=sys.stderr)
                     grid.append(grid_cell(num_tokens, num_adapters, d_in, d_out, GRID_RANK, device, args.budget))
-    engine = []
+    engine, strategies = [], []
     if not args.no_cpu:
         for num_tokens, num_adapters, rank in decode:
             print(f"engine_decode T={num_tokens} adapters={num_adapters} r={rank}", file=sys.stderr)
             engine.append(engine_decode_cell(num_tokens, num_adapters, rank, args.budget))
+        for num_tokens, num_adapters, d_in, d_out in strategy_cells:
+            print(f"strategies T={num_tokens} adapters={num_adapters} {d_in}x{d_out}", file=sys.stderr)
+            strategies.append(strategy_cell(num_tokens, num_adapters, d_in, d_out, args.budget))
 
     report = dict(
         machine=dict(
@@ -292,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         clock="cuda events" if args.no_cpu else args.clock,
         grid=grid,
         engine_decode=engine,
+        strategies=strategies,
         summary=_summary(grid),
     )  # fmt: skip
     text = json.dumps(report, indent=1)

@@ -44,12 +44,14 @@ This module knows nothing about models or layers; argument checks live in ``kern
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from kernels.meta import LoRAMeta
 
-__all__ = ["add_lora", "add_lora_packed", "plan"]
+__all__ = ["add_lora", "add_lora_packed", "plan", "transposed_b"]
 
 # padded is used while its rows (blocks * M) stay within this factor of the real LoRA tokens; past
 # it the padding costs more than a per-slot loop (measured: kernels/README.md, "strategy choice").
@@ -64,6 +66,46 @@ _SPAN_LIMIT = 2.0
 _REPLICATE_MAX_ROWS = 16
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class _TransposedB:
+    """B stacks in the [S, r, d_out] layout, copied once and kept while the stack is unchanged.
+
+    Why: the expand multiplies a few rows of h by B^T. With B as the contract stores it,
+    [S, d_out, r], MKL's small-M GEMM runs 2-4x slower than on a contiguous [r, d_out] (measured
+    on the AVX2 CI machine: 8 slots, 2 tokens each, d_out 11008: 682 vs 344 us; one token,
+    d_out 3072: 19 vs 8 us). The copy costs one extra B in memory per stack.
+
+    Staleness: an entry is reused only while B is the same live tensor with the same storage
+    pointer and version counter. Every in-place write to B or to a view of it (``B[s].copy_``,
+    ``index_copy_``, ``zero_``), also under ``torch.inference_mode``, bumps the version. Writes
+    through ``B.data`` do not, so don't load adapter weights that way. Inference tensors (made
+    inside ``torch.inference_mode``) track no version, so they are never cached: those stacks
+    take the slower transposed view. CPU tensors only (on a GPU, the Triton path is the fast one).
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def __call__(self, B: torch.Tensor) -> torch.Tensor:
+        """B^T as [S, r, d_out]: the cached contiguous copy, or a transposed view of B."""
+        if B.is_cuda or B.is_inference() or B.requires_grad:
+            return B.transpose(1, 2)
+        key = id(B)
+        hit = self._entries.get(key)
+        version, ptr = B._version, B.data_ptr()
+        if hit is not None and hit[0]() is B and hit[1] == version and hit[2] == ptr:
+            return hit[3]
+        Bt = B.transpose(1, 2).contiguous()
+        ref = weakref.ref(B, lambda _ref, key=key: self._entries.pop(key, None))
+        self._entries[key] = (ref, version, ptr, Bt)
+        return Bt
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+transposed_b = _TransposedB()
 
 
 class _Plan:
@@ -292,9 +334,9 @@ def add_lora(
 def _single(y, x, A, B, meta, p, scale, output_slices, rank):
     """One active slot: F.linear against the slot's own A/B views; no gather when most tokens use it."""
     half = y.dtype in _HALF
-    A_s, B_s = A.select(0, p.slot), B.select(0, p.slot)
+    A_s, Bt_s = A.select(0, p.slot), transposed_b(B).select(0, p.slot)  # [n*r, d_in], [r, D]
     if half:
-        A_s, B_s, x = A_s.float(), B_s.float(), x.float()
+        A_s, Bt_s, x = A_s.float(), Bt_s.float(), x.float()
     rows = p.rows
     h = F.linear(x if rows is None else x.index_select(0, rows), A_s)  # [T or N, n*r]
     factor, alpha = p.scaling(meta, scale, h.dtype, len(output_slices), rank, fold=half)
@@ -303,21 +345,21 @@ def _single(y, x, A, B, meta, p, scale, output_slices, rank):
     num_slices = len(output_slices)
     if rows is None and not half:  # the hot path: y updated in place, no intermediate of y's size
         if num_slices == 1:
-            return y.addmm_(h, B_s.t(), alpha=alpha)
+            return y.addmm_(h, Bt_s, alpha=alpha)
         if h.shape[0] * num_slices <= _REPLICATE_MAX_ROWS:
             # decode: every slice's h against all of B in one call ([T, n, D]; B read once), then
             # each slice keeps its own columns of its own row
-            full = F.linear(h.view(h.shape[0], num_slices, rank), B_s)
+            full = torch.mm(h.view(-1, rank), Bt_s).view(h.shape[0], num_slices, y.shape[1])
             return _add_diagonal_blocks(y, full, output_slices, alpha)
         off = 0
         for i, d in enumerate(output_slices):
-            y.narrow(1, off, d).addmm_(h.narrow(1, i * rank, rank), B_s.narrow(0, off, d).t(), alpha=alpha)
+            y.narrow(1, off, d).addmm_(h.narrow(1, i * rank, rank), Bt_s.narrow(1, off, d), alpha=alpha)
             off += d
         return y
     # half precision, or a few LoRA rows among many: the delta in the compute dtype, added once
     pieces, off = [], 0
     for i, d in enumerate(output_slices):
-        pieces.append(F.linear(h if num_slices == 1 else h.narrow(1, i * rank, rank), B_s.narrow(0, off, d)))
+        pieces.append(torch.mm(h if num_slices == 1 else h.narrow(1, i * rank, rank), Bt_s.narrow(1, off, d)))
         off += d
     delta = pieces[0] if num_slices == 1 else torch.cat(pieces, 1)
     if half:
@@ -331,13 +373,13 @@ def _padded(y, x, A, B, meta, p, scale, output_slices, rank):
     """Several slots: a dense [blocks, M, .] grid, one bmm shrink, one bmm expand (or one per slice)."""
     num_blocks, max_tokens, num_slices = p.num_blocks, p.max_tokens, len(output_slices)
     if p.span is not None:
-        A_b, B_b = A.narrow(0, *p.span), B.narrow(0, *p.span)  # views: no weight copy
+        A_b, Bt_b = A.narrow(0, *p.span), transposed_b(B).narrow(0, *p.span)  # views: no weight copy
     else:
-        A_b, B_b = A.index_select(0, p.block_ids), B.index_select(0, p.block_ids)
+        A_b, Bt_b = A.index_select(0, p.block_ids), transposed_b(B).index_select(0, p.block_ids)
     xp = x.index_select(0, p.pad_ids).view(num_blocks, max_tokens, x.shape[1])  # [blocks, M, d_in]
     half = y.dtype in _HALF
     if half:
-        xp, A_b, B_b = xp.float(), A_b.float(), B_b.float()
+        xp, A_b, Bt_b = xp.float(), A_b.float(), Bt_b.float()
     h = torch.bmm(xp, A_b.transpose(1, 2))  # [blocks, M, n*r]
     factor, alpha = p.scaling(meta, scale, h.dtype, num_slices, rank, fold=half)
     h.mul_(factor)
@@ -347,7 +389,7 @@ def _padded(y, x, A, B, meta, p, scale, output_slices, rank):
         # tail rows for the tokens without a slot; then one gather back into token order
         k = max_tokens * num_slices
         buf, out = p.out_buffer(rows * num_slices, d_total, num_slices, (num_blocks, k, d_total), h.dtype, h.device)
-        torch.bmm(h.view(num_blocks, k, rank), B_b.transpose(1, 2), out=out)
+        torch.bmm(h.view(num_blocks, k, rank), Bt_b, out=out)
         if num_slices == 1:
             delta = buf.index_select(0, p.inv)  # [T, d_out]
             return y.add_(delta.to(y.dtype) if half else delta, alpha=alpha)
@@ -356,7 +398,7 @@ def _padded(y, x, A, B, meta, p, scale, output_slices, rank):
     off = 0
     for i, d in enumerate(output_slices):
         buf, out = p.out_buffer(rows, d, 1, (num_blocks, max_tokens, d), h.dtype, h.device)
-        torch.bmm(h.narrow(2, i * rank, rank), B_b.narrow(1, off, d).transpose(1, 2), out=out)
+        torch.bmm(h.narrow(2, i * rank, rank), Bt_b.narrow(2, off, d), out=out)
         delta = buf.index_select(0, p.inv)
         y.narrow(1, off, d).add_(delta.to(y.dtype) if half else delta, alpha=alpha)
         off += d
@@ -389,6 +431,7 @@ def _group(y, x, A, B, meta, p, scale, output_slices, rank):
     if half:
         xs = xs.float()
     delta = torch.empty(num_lora, y.shape[1], dtype=cdtype, device=y.device)
+    Bt = transposed_b(B)  # [S, r, D]
     alpha, alpha_h = 1.0, None
     if not isinstance(scale, torch.Tensor):
         if half:
@@ -396,9 +439,9 @@ def _group(y, x, A, B, meta, p, scale, output_slices, rank):
         else:
             alpha = float(scale)
     for s, start, count in zip(meta.active_slots_host, meta.slot_starts_host, meta.tokens_per_slot_host):
-        A_s, B_s = A.select(0, s), B.select(0, s)
+        A_s, Bt_s = A.select(0, s), Bt.select(0, s)
         if half:
-            A_s, B_s = A_s.float(), B_s.float()
+            A_s, Bt_s = A_s.float(), Bt_s.float()
         r0 = start - num_none
         h = F.linear(xs.narrow(0, r0, count), A_s)  # [count, n*r]
         if isinstance(scale, torch.Tensor):
@@ -407,10 +450,10 @@ def _group(y, x, A, B, meta, p, scale, output_slices, rank):
         elif alpha_h is not None:
             h.mul_(alpha_h)
         if num_slices == 1:
-            torch.mm(h, B_s.t(), out=delta.narrow(0, r0, count))  # rows of one slot are contiguous
+            torch.mm(h, Bt_s, out=delta.narrow(0, r0, count))  # rows of one slot are contiguous
             continue
         off = 0
         for i, d in enumerate(output_slices):
-            delta.narrow(0, r0, count).narrow(1, off, d).copy_(F.linear(h.narrow(1, i * rank, rank), B_s.narrow(0, off, d)))
+            delta.narrow(0, r0, count).narrow(1, off, d).copy_(torch.mm(h.narrow(1, i * rank, rank), Bt_s.narrow(1, off, d)))
             off += d
     return _add_rows(y, rows, delta.to(y.dtype) if half else delta, alpha)

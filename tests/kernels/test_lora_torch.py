@@ -172,3 +172,31 @@ def test_scales_written_between_steps_are_seen_by_the_next_step():
         add_lora(y, p.x, p.A, p.B, meta, scale, backend="torch")
         p.check(y)
         scale[1] = 3.0 + step  # "load another adapter into slot 1"
+
+
+@pytest.mark.parametrize("inference_tensors", [False, True])
+def test_writes_to_B_between_calls_are_seen(inference_tensors):
+    # the torch path keeps a transposed copy of B while B is unchanged: every in-place write
+    # (as the engine's adapter registry does, under inference_mode) must invalidate it
+    slots = torch.tensor([0, 1, 1, -1])
+    p = Problem(4, 2, 4, d_in=8, output_slices=(6, 3), slots=slots, scale="slot")
+    with torch.inference_mode(inference_tensors):
+        B = p.B.clone()
+    meta = LoRAMeta.build(slots, 2)
+    for step in range(3):
+        with torch.inference_mode():
+            y = add_lora_packed(p.y.clone(), p.x, p.A, B, meta, p.scale, p.output_slices, backend="torch")
+            p.B = B.clone()
+            p.check(y)
+            B[1].copy_(torch.randn(B[1].shape))  # "load another adapter into slot 1"
+            if step == 1:
+                B.zero_()
+
+
+def test_a_new_B_with_a_recycled_id_is_not_confused_with_the_old_one():
+    slots = torch.tensor([0, 0, 1])
+    meta = LoRAMeta.build(slots, 2)
+    for seed in range(4):  # fresh tensors each round; CPython may hand out the same ids again
+        p = Problem(3, 2, 4, d_in=8, output_slices=(5,), slots=slots, seed=seed)
+        y = add_lora(p.y.clone(), p.x, p.A, p.B.clone(), meta, p.scale, backend="torch")
+        p.check(y)

@@ -10,6 +10,9 @@ run on the GPU, plus one at engine size.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +105,17 @@ def test_engine_sized_shapes_on_gpu(dtype):
     slots = slot_pattern("many", 300, 8, seed=1)
     p = Problem(300, 8, 16, d_in=2049, output_slices=(2049, 512, 512), slots=slots, dtype=dtype, scale="slot")
     p.check(_run(p, slots, packed=True))
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the tests above compile and run the kernels for real")
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    # the interpreter runs the kernels as Python; this compiles them for sm_90 down to a cubin
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"triton ships no ptxas here ({ptxas})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    script = Path(__file__).with_name("compile_sm90.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["shrink", "bf16", "ok", "expand", "bf16", "ok", "shrink", "fp32", "ok", "expand", "fp32", "ok"]
