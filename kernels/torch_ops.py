@@ -390,6 +390,10 @@ def _padded(y, x, A, B, meta, p, scale, output_slices, rank):
         k = max_tokens * num_slices
         buf, out = p.out_buffer(rows * num_slices, d_total, num_slices, (num_blocks, k, d_total), h.dtype, h.device)
         torch.bmm(h.view(num_blocks, k, rank), Bt_b, out=out)
+        if num_slices == 1 and not half and y.is_contiguous():
+            # index_add_ of contiguous rows is a row copy-add: one pass instead of gather + add;
+            # padding rows are exact zeros (their h was masked), added to their own slot's token
+            return y.index_add_(0, p.pad_ids, buf.narrow(0, 0, rows), alpha=alpha)
         if num_slices == 1:
             delta = buf.index_select(0, p.inv)  # [T, d_out]
             return y.add_(delta.to(y.dtype) if half else delta, alpha=alpha)

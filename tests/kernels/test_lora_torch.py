@@ -139,6 +139,13 @@ def test_strided_views_of_y_and_x():
     add_lora_packed(big_y[:, 7:23], big_x[:, 3:15], p.A, p.B, slots, p.scale, p.output_slices, backend="torch")
     p.check(big_y[:, 7:23])
     assert torch.equal(big_y[:, :7], before[:, :7]) and torch.equal(big_y[:, 23:], before[:, 23:])
+    # one slice into a column view, for every strategy
+    for slots in (torch.tensor([1, -1, 0, 1, 1]), torch.tensor([1, 1, -1, 1, 1]), torch.tensor([0] * 5)):
+        q = Problem(5, 2, 4, d_in=12, output_slices=(9,), slots=slots, scale="slot", seed=2)
+        big_y = torch.randn(5, 30)
+        big_y[:, 4:13] = q.y
+        add_lora(big_y[:, 4:13], q.x, q.A, q.B, slots, q.scale, backend="torch")
+        q.check(big_y[:, 4:13])
 
 
 @settings(max_examples=40, deadline=None)
