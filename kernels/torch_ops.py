@@ -53,9 +53,10 @@ from kernels.meta import LoRAMeta
 
 __all__ = ["add_lora", "add_lora_packed", "plan", "transposed_b"]
 
-# padded is used while its rows (blocks * M) stay within this factor of the real LoRA tokens; past
-# it the padding costs more than a per-slot loop (measured: kernels/README.md, "strategy choice").
-_PAD_WASTE_LIMIT = 2.0
+# padded is used while its padding rows (blocks * M - N) stay within max(64, N / 4); past that the
+# padding costs more than group's per-slot ops (measured: kernels/README.md, "strategy choice").
+_PAD_WASTE_ROWS = 64
+_PAD_WASTE_FRACTION = 0.25
 # padded reads the weights through a view of the slot range lo..hi of the active slots when that
 # range has at most this many times the active slots; otherwise it copies the active slots out
 # (index_select). Reading an idle slot costs about what copying an active one does.
@@ -144,7 +145,7 @@ class _Plan:
         lo, hi = active[0], active[-1]
         use_span = hi - lo + 1 <= _SPAN_LIMIT * num_active
         num_blocks = hi - lo + 1 if use_span else num_active
-        if num_blocks * max_tokens > _PAD_WASTE_LIMIT * num_lora:
+        if num_blocks * max_tokens - num_lora > max(_PAD_WASTE_ROWS, _PAD_WASTE_FRACTION * num_lora):
             self.kind = "group"
             return
         self.kind, self.num_blocks, self.max_tokens = "padded", num_blocks, max_tokens

@@ -65,7 +65,7 @@ PLAN_CASES = {
     "padded, slot range view with idle slots": ("padded", [3, -1, 1, 3, 1, 1, -1, 3], 4),
     "padded, per-slice expand": ("padded", [2, 1] * 6 + [-1], 4),
     "padded, copied active slots": ("padded", [0, 7, 7, 0, -1], 8),
-    "group, skewed counts": ("group", [0] * 20 + [1, 2, -1], 4),
+    "group, skewed counts": ("group", [0] * 90 + [1, 2, -1], 4),
 }
 
 
