@@ -106,6 +106,15 @@ def _add_train_expert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the expert recipe's)")
     p.add_argument("--out", default=None, metavar="DIR", help="adapter output dir (default: adapters/<expert>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default=None, choices=["sql", "json", "math"],
+                   help="data generator (default: the expert's name)")
+    p.add_argument("--rows", type=int, default=None, help="distinct training rows (default: the recipe's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the recipe's; alpha follows as 2*rank)")
+    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: the recipe's, or 2*rank)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the recipe's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_target("train.train_expert:main"))
 
 
