@@ -243,7 +243,8 @@ def run(
         **(meta or {}),
         "fallback": cfg.router.fallback,
         "calibrated_on_test": bool(val) and val is test,
-        "machine": {"cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg()},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": _torch_threads(), "loadavg_before": load_before,
+                    "loadavg_after": _loadavg()},
         "routers": results,
     }
     report_files.write_all(Path(out_dir), report)
@@ -254,6 +255,12 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``coe eval-router`` (flags in ``coe/cli.py``, ``_add_eval_router``)."""
     out = Path(args.out)
     meta: dict[str, Any] = {}
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads: {args.threads} is out of range; expected at least 1", param="threads")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.benchmark == "clinc150":
         from eval.clinc150 import build_clinc150, default_data_dir
 
@@ -279,7 +286,8 @@ def main(args: argparse.Namespace) -> int:
     names = cfg.expert_names
     train = read_rows(args.train, names)
     val = read_rows(args.val, names) if args.val else None
-    test = read_rows(args.test, names) if args.test else val
+    same = args.test and args.val and Path(args.test).resolve() == Path(args.val).resolve()
+    test = val if (same or not args.test) else read_rows(args.test, names)  # same rows: scored once
     assert test is not None  # the benchmark always has val
     settings = EvalSettings(
         seed=cfg.router.seed if args.seed is None else args.seed,
@@ -360,6 +368,13 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover - not on every platform
         return None
+
+
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only report it when a router loaded torch
+    return torch.get_num_threads() if torch is not None else None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -50,7 +50,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{r['latency_ms']['p95']:.1f}", _num(r.get("throughput_msgs_per_s"))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     m = report.get("machine") or {}
-    lines += ["", f"{m.get('cpu_count')} CPUs; load average before {m.get('loadavg_before')}, after "
+    lines += ["", f"{m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads; load average before {m.get('loadavg_before')}, after "
                   f"{m.get('loadavg_after')} (a shared machine inflates timings)."]
     for name, r in routers.items():
         lines += ["", f"## {name}", ""]

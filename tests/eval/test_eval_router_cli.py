@@ -110,3 +110,7 @@ def test_usage_errors_exit_2_and_name_the_flag(tmp_path, inputs, capsys):
                    "--router", "fasttext", "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "--router: 'fasttext'" in capsys.readouterr().err
+    rc = cli.main(["eval-router", "--config", inputs["config"], "--train", inputs["train"], "--test", inputs["test"],
+                   "--threads", "0", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "--threads: 0 is out of range" in capsys.readouterr().err
