@@ -78,6 +78,8 @@ def _add_eval_router(sub: argparse._SubParsersAction) -> None:
                         "rows routed to an expert (default: 0.95)")
     p.add_argument("--latency-samples", type=int, default=200, metavar="N",
                    help="single-message decisions timed for the latency percentiles (default: 200)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads for training and routing (default: torch's own)")
     p.set_defaults(func=_target("eval.harness:main"))
 
 
