@@ -16,6 +16,16 @@ The default (``backend=None``) is chosen once, on first use: "triton" if CUDA an
 available, else "torch"; CPU tensors always go to "torch" under the default. Override it per
 call with ``backend=`` or for the process with :func:`set_backend` (tests do).
 
+Contract with the caller (the engine):
+    * Build one ``LoRAMeta`` per step and pass it to every call of that step.
+    * Write adapter weights and scales only between steps (loading an adapter into a slot), in
+      place (``A[s].copy_(...)``, ``scale[:, s] = ...``), never through ``.data``: per-step
+      caches hold derived scale factors, and the CPU path keeps a transposed copy of each B stack
+      that it revalidates by the tensor's version counter. Stacks allocated outside
+      ``torch.inference_mode`` get that copy; inference tensors track no version and take a
+      slower path.
+    * Inference only: the ops are not differentiable.
+
 This package knows nothing about models, adapters on disk, or slot allocation: the engine stacks
 adapter weights into ``A``/``B`` slot tensors and maps tokens to slots.
 

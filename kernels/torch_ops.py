@@ -6,35 +6,40 @@ call is a fixed handful of tensor ops whatever the number of adapters, and every
 from the slot mapping (padded index tables, masks, the plan itself) is built once per step and
 cached on the ``LoRAMeta``, so the per-layer cost is only the math.
 
-Three strategies, picked per step from host-side counts (see ``kernels/README.md`` for the
-measurements behind the choice):
+Three strategies, picked per step from host-side counts (``kernels/README.md`` has the
+measurements behind each choice):
 
-* ``single``  one active slot (one request, or all requests on one adapter): two plain ``mm``
-  against that slot's A and B views, no gather at all when every token uses it. Fastest by far.
+* ``single``  one active slot (one request, or every request on one adapter): ``F.linear``
+  against that slot's A, ``addmm_`` of that slot's B straight into ``y``; no gather when most
+  tokens use the slot (the others' rank vectors are zeroed). Fastest by far.
 * ``padded``  several slots, tokens spread evenly enough: tokens are gathered into a dense
   ``[blocks, M, d_in]`` grid (one block per slot, M = most tokens of any slot, short slots padded
   with a repeated token whose contribution is masked to zero), then ONE ``bmm`` shrink and one
-  ``bmm`` expand over all slots at once, and ``index_add_`` scatters the result back. The blocks
-  are the slot range lo..hi of the active slots when it is dense enough, so A and B are read
-  through a view instead of being copied. Punica's SGMV in spirit, with padding instead of
-  segments: torch's CPU ``grouped_mm`` measured slower than ``bmm`` here.
-* ``group``   several slots, very uneven token counts (long prefill next to short ones), where
-  padding would waste more work than a per-slot loop costs: the LoRA tokens are gathered once in
-  slot order, each slot's run of rows goes through two ``mm`` into one contiguous delta, and one
+  ``bmm`` expand over all slots at once. The blocks are the slot range lo..hi of the active slots
+  when it is dense enough, so A and B are read through a view instead of being copied. Punica's
+  SGMV in spirit, with padding instead of segments: torch's CPU ``grouped_mm`` measured slower
+  than ``bmm`` here.
+* ``group``   several slots, very uneven counts (a long prefill next to short ones), where the
+  padding would cost more than per-slot ops: the LoRA tokens are gathered once in slot order,
+  each slot's run of rows goes through two ``mm`` into one contiguous delta, and one
   ``index_add_`` adds it into ``y``.
 
 What is fused: the shrink of a packed call (q/k/v, gate/up) reads x once for all slices, as one
-``[n*r, d_in]`` matmul per token group; the per-slot scale and the padding mask are one factor,
-built once per step, applied to the small rank-sized intermediate (not the wide output); in
-decode, the expand of all slices is one matmul against all of B (B read once, n times the FLOPs,
-which are nothing next to reading B), whose diagonal blocks one ``gather`` brings back in token
-order, and one dense ``add_`` updates ``y``: no scatter (``index_add_`` on CPU is a slow
-``scatter_add_``), no per-slice loop, no copy of the weights.
+``[n*r, d_in]`` matmul per token group; the row mask and the per-slot (per-slice) scales are one
+factor, built once per step, applied to the small rank-sized intermediate, never to the wide
+output; in decode, the expand of all slices is one matmul against all of B (B read once; n times
+the FLOPs, which cost nothing next to reading B), after which a run of equal-width slices keeps
+its own columns through one strided view (gate/up: one ``add_``; q/k/v: two). The padded expand
+writes into a per-step scratch buffer with a zero row past the grid, so the result comes back in
+token order with one ``index_select`` (tokens without a slot read the zero row) and one dense
+``add_``; ``index_add_`` is used only where both sides are contiguous, since otherwise it falls
+back to an elementwise ``scatter_add_`` ~10x slower. B is read through a cached [S, r, d_out]
+copy (``transposed_b``): MKL's few-row GEMM is 2-4x slower on B's own layout.
 
 Why so few ops matters: on the 2-core CPU this serves from, each torch op costs microseconds of
 dispatch even on a tiny tensor, and the engine makes ~120 LoRA calls per decode step. A call
-here is ~10 ops (single slot: ~8) plus ~5 us of argument checks; per-step tables, masks, scale
-factors and scratch buffers live on the ``LoRAMeta`` (``meta.cache["torch"]``).
+here is about 10 ops plus ~5 us of argument checks; per-step tables, masks, scale factors and
+scratch buffers live on the ``LoRAMeta`` (``meta.cache["torch"]``).
 
 Half-precision inputs (fp16/bf16) are computed in float32 and rounded once into ``y``: CPUs have
 no fast half GEMM to lose, and it gives the fp32 accumulation the contract asks for.

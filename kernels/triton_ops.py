@@ -255,6 +255,8 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 
 def _check_device(t: torch.Tensor) -> None:
+    if t.dtype == torch.float64:
+        raise ValueError("the triton backend takes float32, float16 or bfloat16 tensors; use backend='torch' for float64")
     if not t.is_cuda and not _INTERPRET:
         raise ValueError(
             f"the triton backend needs CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 before "

@@ -156,3 +156,13 @@ def test_every_backend_returns_y_and_skips_no_adapter_steps(backend):
     y = args["y"]
     assert add_lora(y, args["x"], args["A"], args["B"], meta, 1.0, backend=backend) is y
     assert torch.equal(y, torch.zeros(3, 6))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import kernels.meta
+
+    for module in (kernels, kernels.meta):
+        result = doctest.testmod(module)
+        assert result.attempted and not result.failed, module.__name__

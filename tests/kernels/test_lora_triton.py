@@ -119,3 +119,10 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["shrink", "bf16", "ok", "expand", "bf16", "ok", "shrink", "fp32", "ok", "expand", "fp32", "ok"]
+
+
+def test_float64_is_refused_with_a_pointer_to_torch():
+    slots = torch.tensor([0])
+    x, A, B, y = torch.randn(1, 4).double(), torch.randn(1, 2, 4).double(), torch.randn(1, 3, 2).double(), torch.zeros(1, 3).double()
+    with pytest.raises(ValueError, match="use backend='torch' for float64"):
+        add_lora(y, x, A, B, slots, 1.0, backend="triton")
