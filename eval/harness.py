@@ -277,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.test and not args.benchmark:
         raise ConfigError("--test: required; pass the JSONL rows to score (or use --benchmark clinc150)", param="test")
 
-    cfg = load_config(args.config)
+    cfg = with_training_overrides(load_config(args.config), args.training)
     kinds = list(TRAINABLE_ROUTERS) if args.router == "all" else [k.strip() for k in args.router.split(",") if k.strip()]
     for kind in kinds:
         if kind not in TRAINABLE_ROUTERS:
@@ -294,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
         min_acceptance=args.min_acceptance,
         latency_samples=args.latency_samples,
     )
-    meta.update(config=str(args.config), train=str(args.train), val=args.val and str(args.val), test=str(args.test or args.val))
+    meta.update(training_overrides=list(args.training), config=str(args.config), train=str(args.train), val=args.val and str(args.val), test=str(args.test or args.val))
     report = run(cfg, kinds, train, val, test, settings, out, meta)
     for kind, r in report["routers"].items():
         print(json.dumps({k: r[k] for k in ("router", "accuracy", "in_scope_accuracy", "macro_f1", "oos_recall",
@@ -302,6 +302,35 @@ def main(args: argparse.Namespace) -> int:
                          | {"latency_p50_ms": r["latency_ms"]["p50"]}))
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def with_training_overrides(cfg: CoeConfig, overrides: Sequence[str]) -> CoeConfig:
+    """``cfg`` with ``router.training`` fields replaced by ``KEY=VALUE`` strings (values parsed as YAML).
+
+    Raises:
+        ConfigError: an override is not ``KEY=VALUE``, names no training field, or has a bad value.
+    """
+    import yaml
+
+    from coe.config import RouterTrainingConfig, config_from_dict
+
+    if not overrides:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(RouterTrainingConfig)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.strip() not in fields:
+            close = difflib.get_close_matches(key.strip(), sorted(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--training: {item!r} is not KEY=VALUE with KEY a router.training field{hint} "
+                              f"(fields: {', '.join(sorted(fields))})", param="training")
+        changes[key.strip()] = yaml.safe_load(raw)
+    # Re-coerce through the loader so a bad value gets the loader's message (router.training.<key>).
+    data = {"router": {"training": changes}}
+    checked = config_from_dict({**data, "experts": [{"name": "a", "examples": ["x"]}, {"name": "b", "examples": ["y"]}]})
+    training = dataclasses.replace(cfg.router.training, **{k: getattr(checked.router.training, k) for k in changes})
+    return cfg.replace(router=dataclasses.replace(cfg.router, training=training))
 
 
 # --------------------------------------------------------------------------- helpers

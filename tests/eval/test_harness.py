@@ -106,3 +106,15 @@ def test_read_rows_errors_name_file_line_and_value(tmp_path):
         harness.read_rows(tmp_path / "nope.jsonl", ["sql"])
     p.write_text('{"text": "a", "label": "sql", "topic": "q"}\n\n{"text": "b", "label": "sql"}\n')
     assert harness.read_rows(p, ["sql"]) == [harness.Row("a", "sql", "q"), harness.Row("b", "sql", None)]
+
+
+def test_training_overrides_replace_fields_and_reject_typos():
+    cfg = config_from_dict(CFG)
+    out = harness.with_training_overrides(cfg, ["logreg_c=30", "use_topics=false"])
+    assert out.router.training.logreg_c == 30.0 and out.router.training.use_topics is False
+    assert out.router.training.knn_k == cfg.router.training.knn_k
+    assert harness.with_training_overrides(cfg, []) is cfg
+    with pytest.raises(ConfigError, match="did you mean 'logreg_c'"):
+        harness.with_training_overrides(cfg, ["logreg=3"])
+    with pytest.raises(ConfigError, match=r"router.training.knn_k: expected an integer, found 'many'"):
+        harness.with_training_overrides(cfg, ["knn_k=many"])
