@@ -80,6 +80,8 @@ def _add_eval_router(sub: argparse._SubParsersAction) -> None:
                    help="single-message decisions timed for the latency percentiles (default: 200)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads for training and routing (default: torch's own)")
+    p.add_argument("--training", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a router.training field for this evaluation, e.g. --training logreg_c=30 (repeatable)")
     p.set_defaults(func=_target("eval.harness:main"))
 
 
