@@ -10,8 +10,10 @@ A program that prints numbers, never a test. It loads the trained router of the 
   the slower path our router bypasses;
 - throughput of ``decide_batch`` at several batch sizes.
 
-The CPU is shared while developing, so the JSON carries the load average and each stage's
-ratio to the ``embed`` floor measured in the same run; compare ratios, rerun when quiet.
+The CPU is shared while developing, so the JSON carries the load average, each stage's
+process-CPU p50 (``cpu_p50_ms``: with ``--threads 1`` it approximates the wall time on a quiet
+machine) and each stage's ratio to the ``embed`` floor measured in the same run; compare
+ratios, rerun when quiet.
 Run: ``coe bench router --config experts.yaml --json out.json [--threads 2] [--batch-sizes 1,8,32,128]``.
 """
 
@@ -49,25 +51,30 @@ MESSAGES = (
 )
 
 
-def _percentiles(seconds: Sequence[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1000.0
+def _percentiles(wall: Sequence[float], cpu: Sequence[float]) -> dict[str, float]:
+    ms, cpu_ms = np.asarray(wall) * 1000.0, np.asarray(cpu) * 1000.0
     return {
         "p50_ms": round(float(np.percentile(ms, 50)), 3),
         "p95_ms": round(float(np.percentile(ms, 95)), 3),
         "mean_ms": round(float(ms.mean()), 3),
         "min_ms": round(float(ms.min()), 3),
+        "cpu_p50_ms": round(float(np.percentile(cpu_ms, 50)), 3),
         "n": int(len(ms)),
     }
 
 
-def _time_each(fn: Callable[[str], Any], texts: Sequence[str], repeats: int) -> list[float]:
-    out = []
+def _time_each(fn: Callable[[str], Any], texts: Sequence[str], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds per call. With one torch thread on a busy machine, CPU time
+    is close to what the wall time would be on a quiet one (the process isn't charged while
+    it waits for a core)."""
+    wall, cpu = [], []
     for i in range(repeats):
         t = texts[i % len(texts)]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(t)
-        out.append(time.perf_counter() - t0)
-    return out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def run(chain: Any, repeats: int = 200, batch_sizes: Sequence[int] = (1, 8, 32, 128)) -> dict[str, Any]:
@@ -85,12 +92,15 @@ def run(chain: Any, repeats: int = 200, batch_sizes: Sequence[int] = (1, 8, 32, 
     if model is not None and hasattr(model, "predict_proba"):
         stages["setfit_predict_proba"] = lambda t: model.predict_proba([t], as_numpy=True)
     # Interleave the stages in rounds so a burst of load from other processes hits all alike.
-    samples: dict[str, list[float]] = {k: [] for k in stages}
+    wall: dict[str, list[float]] = {k: [] for k in stages}
+    cpu: dict[str, list[float]] = {k: [] for k in stages}
     rounds = 10
     for r in range(rounds):
         for name, fn in stages.items():
-            samples[name] += _time_each(fn, texts[r % len(texts):] + texts[: r % len(texts)], max(1, repeats // rounds))
-    latency = {k: _percentiles(v) for k, v in samples.items()}
+            w, c = _time_each(fn, texts[r % len(texts):] + texts[: r % len(texts)], max(1, repeats // rounds))
+            wall[name] += w
+            cpu[name] += c
+    latency = {k: _percentiles(wall[k], cpu[k]) for k in stages}
     floor = latency.get("embed", {}).get("p50_ms")
     if floor:
         for v in latency.values():

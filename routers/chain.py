@@ -101,8 +101,9 @@ class DecisionChain:
             return RouteDecision(expert=None, source="explicit", reason=f"the request named the base model {model!r}.")
         close = difflib.get_close_matches(model, [*self.config.expert_names, self.base_id], n=1, cutoff=0.6)
         raise UnknownModel(
-            f"model: {model!r} is not a model served here{f'; did you mean {close[0]!r}?' if close else ''} Expected {AUTO!r} (route automatically), "
-            f"an expert ({', '.join(self.config.expert_names)}) or the base model {self.base_id!r}",
+            f"model: {model!r} is not a model served here; expected {AUTO!r} (route automatically), "
+            f"an expert ({', '.join(self.config.expert_names)}) or the base model {self.base_id!r}"
+            + (f"; did you mean {close[0]!r}?" if close else ""),
             param="model",
         )
 

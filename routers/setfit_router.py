@@ -12,7 +12,7 @@ of examples, then a logistic-regression head on the tuned embeddings (Tunstall e
   nothing to the cwd: the Trainer's ``output_dir`` is a temporary dir, with no checkpoints;
 - inference skips ``SetFitModel.predict_proba`` and ``SentenceTransformer.encode`` in
   favour of ``routers.embeddings.encode`` (same modules, less per-call overhead), then the
-  sklearn head. This is what keeps single-message routing near a few milliseconds.
+  sklearn head, so routing costs little more than the body's own forward pass.
 
 Saved with SetFit's ``save_pretrained`` plus ``router.json`` (``RouterInfo``); loaded with
 ``SetFitModel.from_pretrained``. This module knows nothing about rules or thresholds.

@@ -107,6 +107,15 @@ def test_encode_is_thread_safe():
     np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
 
 
+def test_bodies_stay_deep_copyable_after_encode():
+    import copy
+
+    body = shared_body(EMBEDDED_BODY, 128)
+    encode(body, ["warm the lock up"])
+    clone = copy.deepcopy(body)
+    np.testing.assert_allclose(encode(clone, ["same output"]), encode(body, ["same output"]), atol=1e-6)
+
+
 def test_untrained_router_says_so():
     from coe.errors import RouterError
 
