@@ -201,9 +201,8 @@ class Pipeline:
         self._experts = {e.name: e for e in config.experts}
         self._runtime: dict[str, str] = {}  # runtime-loaded adapter name -> source
         self._admin_lock = threading.Lock()
-        # Fast tokenizers raise "Already borrowed" when used from several threads at once
-        # (padding/truncation state is mutated per call): routing is serialized.
-        self._route_lock = threading.Lock()
+        # Fast tokenizers raise "Already borrowed" when two threads encode at once (padding and
+        # truncation state is mutated per call); the routers lock their own encoder.
         self._count_lock = threading.Lock()
         self.ready = False
 
@@ -315,15 +314,13 @@ class Pipeline:
             ctx = RouteContext.from_messages(messages, metadata, None if model == AUTO else model)
         else:
             ctx = RouteContext(text=text or "", metadata=dict(metadata or {}), model=None if model == AUTO else model)
-        with self._route_lock:
-            return self.chain.decide(ctx)
+        return self.chain.decide(ctx)
 
     def scores(self, text: str) -> dict[str, float]:
         """The learned router's per-expert probabilities for ``text`` (empty without a router)."""
         if self.router is None:
             return {}
-        with self._route_lock:
-            proba = self.router.predict_proba([text])[0]
+        proba = self.router.predict_proba([text])[0]
         return {name: float(p) for name, p in zip(self.router.experts, proba)}
 
     def adapter_for(self, decision: RouteDecision) -> str | None:
