@@ -40,7 +40,7 @@ class EmbeddingRouter:
     Args:
         body: the body's ``body_spec`` string.
         training: ``router.training`` of the config (``temperature``, ``knn_k``, ``logreg_c``,
-            ``max_length``, ``use_topics``, ``show_progress`` are read here).
+            ``max_length``, ``use_topics``, ``show_progress``, ``quantize`` are read here).
         seed: recorded, and used by heads that have randomness.
     """
 
@@ -61,7 +61,8 @@ class EmbeddingRouter:
 
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Normalized embeddings ``[n, dim]`` from the shared frozen body."""
-        emb = encode(shared_body(self.body, self.training.max_length), texts, show_progress=show_progress)
+        body = shared_body(self.body, self.training.max_length, self.training.quantize)
+        emb = encode(body, texts, show_progress=show_progress)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], topics: Sequence[str | None] | None = None) -> "EmbeddingRouter":

@@ -145,6 +145,7 @@ def main(args: argparse.Namespace) -> int:
     result = run(chain, repeats=args.repeats, batch_sizes=batch_sizes)
     result["meta"] = {
         "router": router.info.kind,
+        "quantize": router.info.extra.get("training", {}).get("quantize", "none"),
         "router_path": str(path),
         "experts": list(router.experts),
         "torch_threads": torch.get_num_threads(),

@@ -10,6 +10,8 @@ of examples, then a logistic-regression head on the tuned embeddings (Tunstall e
   to follow the order labels were given in (setfit issues 462/587);
 - training is seeded (``transformers.set_seed`` + the head's ``random_state``) and writes
   nothing to the cwd: the Trainer's ``output_dir`` is a temporary dir, with no checkpoints;
+- with ``training.quantize: int8`` routing runs an int8 copy of the tuned body and the head
+  is refitted on its embeddings (the saved body stays float32; it is quantized again at load);
 - inference skips ``SetFitModel.predict_proba`` and ``SentenceTransformer.encode`` in
   favour of ``routers.embeddings.encode`` (same modules, less per-call overhead), then the
   sklearn head, so routing costs little more than the body's own forward pass.
@@ -32,7 +34,7 @@ import numpy as np
 from coe.config import RouterTrainingConfig
 from coe.errors import RouterError
 from routers.base import RouterInfo, read_info, save_info
-from routers.embeddings import EMBEDDED_BODY, embedding_dim, encode, load_body
+from routers.embeddings import EMBEDDED_BODY, embedding_dim, encode, load_body, quantize_body
 from routers.labels import class_label, expert_columns, expert_of, ordered_unique
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class SetFitRouter:
         self.classes: tuple[str, ...] = ()
         self.info = RouterInfo(kind=self.kind, experts=(), body=body, seed=seed)
         self._columns: np.ndarray | None = None  # [n_head_classes, n_experts]
+        self._int8_body: Any = None  # inference copy when training.quantize == "int8"
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -134,6 +137,10 @@ class SetFitRouter:
             trainer.train()
         model.model_body.eval()
         self.model = model
+        if t.quantize == "int8":
+            # Refit the head on the int8 body's embeddings: those are what it sees when routing.
+            self._int8_body = quantize_body(model.model_body)
+            model.model_head.fit(self.embed(texts, show_progress=t.show_progress), y)
         self.classes = classes
         self.info = RouterInfo(
             kind=self.kind,
@@ -173,7 +180,8 @@ class SetFitRouter:
 
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """The tuned body's embeddings of ``texts`` (what the head sees)."""
-        emb = encode(self.model.model_body, texts, show_progress=show_progress)
+        body = self._int8_body if self._int8_body is not None else self.model.model_body
+        emb = encode(body, texts, show_progress=show_progress)
         if self.model.normalize_embeddings:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
@@ -209,6 +217,8 @@ class SetFitRouter:
         router.model = SetFitModel.from_pretrained(str(path), local_files_only=True, device="cpu")
         router.model.model_body.max_seq_length = training.max_length
         router.model.model_body.eval()
+        if training.quantize == "int8":
+            router._int8_body = quantize_body(router.model.model_body)
         router.classes = tuple(info.extra.get("classes") or info.experts)
         router.info = info
         head_classes = router._head_classes()

@@ -140,6 +140,8 @@ def test_fallback_not_an_expert():
         ("router.threshold", "high", "router.threshold", ["expected a number", "'high'"]),
         ("router.training.knn_k", 0, "router.training.knn_k", ["0 is out of range"]),
         ("router.training.temperature", 0, "router.training.temperature", ["expected a value > 0"]),
+        ("router.training", {"quantize": "int8", "end_to_end": True}, "router.training.quantize", ["end_to_end: false"]),
+        ("router.training", {"quantize": "int4"}, "router.training.quantize", ["'int4' is not allowed", "'none', 'int8'"]),
         ("experts[0].name", "SQL Expert", "experts[0].name", ["'SQL Expert' is not a valid expert name"]),
         ("experts[0].name", "auto", "experts[0].name", ["'auto' is reserved"]),
         ("experts[0].threshold", -0.1, "experts[0].threshold", ["out of range"]),

@@ -121,3 +121,16 @@ def test_untrained_router_says_so():
 
     with pytest.raises(RouterError, match="not trained"):
         make_router("centroid", make_config()).predict_proba(["x"])
+
+
+def test_int8_body_routes_the_same_and_is_cached_apart():
+    import dataclasses
+
+    cfg = make_config()
+    cfg = cfg.replace(router=dataclasses.replace(cfg.router, training=dataclasses.replace(cfg.router.training, quantize="int8")))
+    r = make_router("centroid", cfg).fit(TEXTS, LABELS)
+    assert [r.experts[i] for i in r.predict_proba(list(HELD_OUT)).argmax(axis=1)] == list(HELD_OUT.values())
+    q = shared_body(EMBEDDED_BODY, 128, "int8")
+    assert q is not shared_body(EMBEDDED_BODY, 128) and q is shared_body(EMBEDDED_BODY, 128, "int8")
+    cos = (r.embed(TEXTS[:4]) * make_router("centroid", make_config()).embed(TEXTS[:4])).sum(axis=1)
+    assert (cos > 0.8).all() and (cos < 1 - 1e-6).any()  # close to float32, but really int8
