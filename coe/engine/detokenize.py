@@ -58,6 +58,17 @@ class Detokenizer:
             self.read_offset = len(self.ids)
         return self._release(final=False)
 
+    def decode_all(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` in one go, exactly as feeding them one by one and flushing
+        would produce it (for requests nobody streams and that have no stop strings)."""
+        assert not self.stop and not self.text, "decode_all is for fresh detokenizers without stop strings"
+        context = self._decode(self.ids)
+        full = self._decode(self.ids + list(token_ids))
+        self.ids.extend(token_ids)
+        self.text = full[len(context) :] if full.startswith(context) else self._decode(list(token_ids))
+        self.read_offset = len(self.ids)
+        return self._release(final=True)
+
     def flush(self) -> str:
         """Generation ended: decode whatever is still held back and return the remaining text."""
         if not self.stopped and self.read_offset < len(self.ids):

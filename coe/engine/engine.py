@@ -1,43 +1,34 @@
-"""The public engine: one shared base model, many LoRA adapters, ``generate`` on any of them.
+"""The public engine: one shared base model, many LoRA adapters, requests on any of them at once.
 
 ``Engine`` wires the pieces together: ``weights`` resolves and loads the base model, ``registry``
 holds the adapters (read by ``adapters``), ``request`` validates and tokenizes on the caller's
-thread, and each generation runs as a :class:`~coe.engine.sequence.Sequence` through the model's
-step function.
+thread, and ``scheduler`` batches every running request, whatever its adapter, into the steps of
+one background loop. ``generate``, ``stream`` and ``astream`` are thread-safe front ends to it.
 
 This module knows nothing about HTTP, routing or experts beyond their adapter names.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import threading
-import time
+import queue
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
 from coe.config import BaseModelConfig, CoeConfig, ServingConfig
-from coe.engine.batch import build_step
 from coe.engine.kv_cache import KVCache
 from coe.engine.model import Transformer
-from coe.engine.outputs import AdapterInfo, GenerationOutput
+from coe.engine.outputs import AdapterInfo, GenerationOutput, StreamDelta
 from coe.engine.registry import AdapterRegistry
 from coe.engine.request import Request, build_request, encode_prompt
-from coe.engine.sampling import sample_batch
+from coe.engine.scheduler import Job, Scheduler
 from coe.engine.sequence import Sequence
 from coe.engine.weights import load_model, model_context, resolve_device, resolve_dtype, resolve_model
-from coe.errors import (
-    CoeError,
-    ConfigError,
-    EngineUnavailable,
-    GenerationError,
-    InvalidRequest,
-    RequestTimeout,
-    UnknownModel,
-)
+from coe.errors import ConfigError, EngineUnavailable, InvalidRequest, UnknownModel
 
 logger = logging.getLogger("coe.engine")
 
@@ -97,9 +88,9 @@ class Engine:
                                         max_lora_rank=serving.max_lora_rank, base_names=base_names,
                                         strict_base_model=serving.strict_base_model)
         self.eos_ids = _eos_ids(tokenizer, hf_config, model_path)
-        self._lock = threading.Lock()
         self._closed = False
-        self._counters = {"requests": 0, "tokens": 0, "failed": 0}
+        self.scheduler = Scheduler(model, self.kv, self.registry, tokenizer, max_seq_len=self.max_seq_len,
+                                   prefill_chunk=serving.prefill_chunk, max_queue=serving.max_queue)
 
     # ------------------------------------------------------------------ construction
 
@@ -195,9 +186,13 @@ class Engine:
         return self._info(name)
 
     def _make_resident_if_free(self, name: str) -> None:
-        with self._lock:
-            if self.registry.slot_of(name) is None and self.registry.free_or_evictable_slot(exclude=lambda n: True) is not None:
-                self.registry.activate(name)
+        def activate() -> None:  # on the loop thread: the stacks are only written between steps
+            reg = self.registry
+            if reg.has(name) and reg.slot_of(name) is None and reg.is_packed(name) \
+                    and reg.free_or_evictable_slot(exclude=lambda n: True) is not None:
+                reg.activate(name)
+
+        self.scheduler.call(activate)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter: new requests for it fail with ``UnknownModel``; running ones finish
@@ -270,48 +265,106 @@ class Engine:
         req = self._request(prompt, messages, adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, timeout=timeout,
                             ignore_eos=ignore_eos)
-        return self._run_one(req)
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        job = self._submit(req, results.put, stream=False)
+        try:
+            while True:
+                try:
+                    item = results.get(timeout=0.5)
+                except queue.Empty:
+                    if not self.scheduler.alive:
+                        raise EngineUnavailable("the engine loop stopped before the request finished") from None
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+        finally:
+            job.cancel()  # a no-op once finished; frees the slot if the caller was interrupted
 
-    def _run_one(self, req: Request) -> GenerationOutput:
-        """Run one request to the end on the calling thread, holding the engine lock."""
-        seq = Sequence(req, self.tokenizer, self.max_seq_len)
-        deadline = seq.submitted + req.timeout_s
-        with self._lock:
-            seq.started = time.monotonic()
-            if req.adapter is not None:
-                self.registry.ensure_packed(req.adapter)
-                self.registry.activate(req.adapter)
-                seq.lease = self.registry.pin(req.adapter)
-                seq.lora_slot = seq.lease.slot
-            seq.kv_slot = self.kv.allocate()
-            self._counters["requests"] += 1
-            try:
-                while not seq.finished:
-                    if time.monotonic() > deadline:
-                        raise RequestTimeout(f"request ran past its timeout of {req.timeout_s:g} s and was cancelled")
-                    if seq.prefilling:
-                        batch = build_step([], [seq.next_prefill(self.serving.prefill_chunk)], num_lora_slots=self.model.num_lora_slots,
-                                           kv=self.kv, device=self.device)
-                    else:
-                        batch = build_step([seq.decode_item()], [], num_lora_slots=self.model.num_lora_slots, kv=self.kv, device=self.device)
-                    try:
-                        logits = self.model.forward(batch, self.kv.k, self.kv.v)
-                    except Exception as exc:  # the per-request boundary: report, keep the engine alive
-                        self._counters["failed"] += 1
-                        raise GenerationError(f"generation failed in the model step: {type(exc).__name__}: {exc}") from exc
-                    if logits.shape[0]:
-                        seq.append(sample_batch(logits, [seq.sampler])[0])
-                        self._counters["tokens"] += 1
-            finally:
-                self.kv.release(seq.kv_slot)
-                if seq.lease is not None:
-                    self.registry.unpin(seq.lease)
-        return seq.output()
+    def stream(self, prompt: str | None = None, *, messages: Seq[Any] | None = None, adapter: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+               top_k: int | None = None, seed: int | None = None, stop: str | Seq[str] | None = None,
+               stop_token_ids: Seq[int] | None = None, timeout: float | None = None,
+               ignore_eos: bool = False) -> Iterator[StreamDelta | GenerationOutput]:
+        """Generate with streaming: ``StreamDelta`` items (text and token ids, one per new token),
+        then one ``GenerationOutput``. Same arguments and errors as :meth:`generate`; validation
+        errors and ``QueueFull`` are raised by this call itself, before iteration starts.
+
+        Closing the iterator early (``close()``, or leaving a ``for`` loop over it) cancels the
+        request and frees its slot.
+
+        Example:
+            >>> for item in engine.stream("Once upon a time", max_tokens=16):
+            ...     print(getattr(item, "text", ""), end="")
+        """
+        req = self._request(prompt, messages, adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, timeout=timeout,
+                            ignore_eos=ignore_eos)
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        job = self._submit(req, results.put, stream=True)
+        return self._iterate(job, results)
+
+    def _iterate(self, job: Job, results: queue.SimpleQueue) -> Iterator[StreamDelta | GenerationOutput]:
+        try:
+            while True:
+                try:
+                    item = results.get(timeout=0.5)
+                except queue.Empty:
+                    if not self.scheduler.alive:
+                        raise EngineUnavailable("the engine loop stopped before the request finished") from None
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationOutput):
+                    return
+        finally:
+            job.cancel()
+
+    def astream(self, prompt: str | None = None, *, messages: Seq[Any] | None = None, adapter: str | None = None,
+                max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                top_k: int | None = None, seed: int | None = None, stop: str | Seq[str] | None = None,
+                stop_token_ids: Seq[int] | None = None, timeout: float | None = None,
+                ignore_eos: bool = False) -> AsyncIterator[StreamDelta | GenerationOutput]:
+        """:meth:`stream` for asyncio: call it inside a running event loop and ``async for`` over it.
+
+        Cancelling the consuming task, or ``aclose()``, cancels the request and frees its slot.
+        Validation errors and ``QueueFull`` are raised by this call itself.
+        """
+        req = self._request(prompt, messages, adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, timeout=timeout,
+                            ignore_eos=ignore_eos)
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue = asyncio.Queue()
+
+        def sink(item: Any) -> None:
+            loop.call_soon_threadsafe(results.put_nowait, item)
+
+        job = self._submit(req, sink, stream=True)
+        return self._aiterate(job, results)
+
+    async def _aiterate(self, job: Job, results: asyncio.Queue) -> AsyncIterator[StreamDelta | GenerationOutput]:
+        try:
+            while True:
+                item = await results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationOutput):
+                    return
+        finally:
+            job.cancel()
+
+    def _submit(self, req: Request, sink: Any, *, stream: bool) -> Job:
+        seq = Sequence(req, self.tokenizer, self.max_seq_len, incremental=stream)
+        return self.scheduler.submit(seq, sink, stream=stream)
 
     # ------------------------------------------------------------------ introspection / lifecycle
 
     def stats(self) -> dict[str, Any]:
-        """Counters and gauges: requests, tokens, adapters, KV memory."""
+        """Gauges and counters: ``queue_depth``, ``running``, ``resident_adapters``,
+        ``max_queue_wait_s`` (per adapter; ``<base>`` for the base model), KV cache bytes
+        (reserved and in use), weight bytes, and request/token/step totals."""
         return {
             "model_id": self.model_id,
             "device": str(self.device),
@@ -320,14 +373,19 @@ class Engine:
             "max_batch": self.serving.max_batch,
             "resident_adapters": self.registry.resident(),
             "registered_adapters": len(self.registry.names()),
+            "lora_rank": self.model.lora_rank,
             "kv_cache_reserved_bytes": self.kv.reserved_bytes(),
             "weight_bytes": self.model.weight_bytes(),
-            **{f"{k}_total": v for k, v in self._counters.items()},
+            "accepting": not self._closed,
+            **self.scheduler.stats(),
         }
 
     def shutdown(self, grace_s: float = 0.0) -> None:
-        """Stop accepting requests (later calls raise ``EngineUnavailable``)."""
+        """Stop accepting requests (later calls raise ``EngineUnavailable``), let in-flight and
+        queued ones finish within ``grace_s`` seconds, fail the rest with ``EngineUnavailable``,
+        and stop the loop. Safe to call twice."""
         self._closed = True
+        self.scheduler.shutdown(grace_s)
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -311,6 +311,11 @@ class AdapterRegistry:
         e.slot = None
         e.packed = None
 
+    def lru_order(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        with self._lock:
+            return [e.name for e in sorted((e for e in self._slots if e is not None), key=lambda e: e.last_used)]
+
     def resident(self) -> list[str]:
         with self._lock:
             return [e.name for e in self._slots if e is not None]

@@ -50,6 +50,7 @@ def engine_factory(tiny_dir):
     def make(path: Path | None = None, **kw: Any):
         kw.setdefault("max_seq_len", 256)
         kw.setdefault("max_batch", 4)
+        kw.setdefault("request_timeout_s", 120.0)  # a hang fails the test instead of stalling the suite
         e = Engine.from_pretrained(str(path or tiny_dir), dtype="float32", device="cpu", **kw)
         engines.append(e)
         return e

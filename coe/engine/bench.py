@@ -1,0 +1,317 @@
+"""``coe bench engine``: the engine against transformers+PEFT ``generate``, in one process.
+
+Same model (default: the embedded SmolLM2-135M-Instruct, fp32), same random r=16 all-linear
+adapters (8 of them), greedy decoding past EOS, ~40-token prompts, 64 new tokens. Every number
+is a median over repeats, and every comparison is a ratio against a baseline measured in the
+same run, because the machine may be shared. Keys written to ``--json`` (goals from issue 6):
+
+- ``single_stream_tok_s`` / ``peft_single_stream_tok_s`` / ``single_stream_speedup`` (>= 2.5):
+  one request on one adapter (``*_base_*``: the same on the base model);
+- ``mixed16_tok_s`` / ``peft_mixed16_tok_s`` / ``mixed16_speedup`` (>= 3): 16 concurrent requests
+  over 8 adapters; PEFT runs them as one batch with ``adapter_names``;
+- ``heterogeneity_ratio`` (>= 0.95): 16 requests over 8 adapters / 16 on one adapter;
+- ``lora_vs_base_ratio`` (>= 0.95): 16 on one adapter / 16 on the base model;
+- ``adapter_switch_ms`` (< 1): added latency of a short request when the previous one used
+  another resident adapter;
+- ``cold_load_ms`` (< 100): reading an r=16 all-linear adapter from local disk into a slot;
+- ``itl_p99_during_load_ratio`` (< 2): running streams' p99 inter-token latency while a cold
+  adapter loads, over their median;
+- ``peak_rss_mb``: the process's peak resident memory after the engine's runs (before the
+  transformers baseline is loaded); ``peak_rss_total_mb`` after everything.
+
+This module is a program that prints numbers; nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coe.engine.outputs import GenerationOutput, StreamDelta
+
+PROMPT_TOKENS = 40
+NUM_ADAPTERS = 8
+RANK = 16
+_TOPICS = [
+    "the history of the printing press", "how volcanoes form", "a recipe for lemon bread", "the rules of chess",
+    "why the sky is blue", "training for a marathon", "the life cycle of a star", "how vaccines work",
+    "writing a good cover letter", "the causes of the French revolution", "how to grow tomatoes", "black holes",
+    "the water cycle", "learning to play the guitar", "the migration of birds", "how a compiler works",
+]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _prompts(tokenizer: Any, n: int) -> list[str]:
+    """n distinct prompts of about PROMPT_TOKENS tokens."""
+    out = []
+    for i in range(n):
+        text = (f"Write a detailed explanation of {_TOPICS[i % len(_TOPICS)]} for a curious student. "
+                "Cover the main ideas, give two concrete examples, mention a common misconception, "
+                "and finish with a short summary of what to remember.")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]
+        out.append(tokenizer.decode(ids))
+    return out
+
+
+def _make_adapters(args: Any, root: Path, n: int, base_name: str, seed: int = 0) -> list[Path]:
+    """n random r=16 all-linear PEFT adapters, written directly in PEFT's format (small random A
+    and B, so outputs stay text-like). No transformers model is needed to make them."""
+    from safetensors.torch import save_file
+
+    from coe.engine.adapters import base_module_names
+
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed + i)
+        tensors = {}
+        for mod in base_module_names(args):
+            d_in, d_out = args.module_shape(mod.rsplit(".", 1)[1])
+            tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(RANK, d_in, generator=g) * 0.02
+            tensors[f"base_model.model.{mod}.lora_B.weight"] = torch.randn(d_out, RANK, generator=g) * 0.02
+        path = root / f"bench-{i}"
+        path.mkdir(parents=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.0,
+                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  "bias": "none", "use_rslora": False, "base_model_name_or_path": base_name, "inference_mode": True}
+        (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        paths.append(path)
+    return paths
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one untimed warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+# --------------------------------------------------------------------------- engine side
+
+
+def _engine_concurrent(engine: Any, prompts: list[str], adapters: list[str | None], new_tokens: int) -> None:
+    """Submit every request, then drain them all (they share the engine's steps)."""
+    streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, adapters)]
+    for s in streams:
+        for item in s:
+            if isinstance(item, GenerationOutput):
+                assert item.completion_tokens == new_tokens, item
+
+
+def _switch_ms(engine: Any, prompt: str, names: list[str], repeats: int) -> float:
+    """Median latency of a short request after another adapter's minus after the same adapter's."""
+    def lat(adapter: str) -> float:
+        t0 = time.perf_counter()
+        engine.generate(prompt, adapter=adapter, max_tokens=4, ignore_eos=True)
+        return time.perf_counter() - t0
+
+    same, other = [], []
+    lat(names[0])
+    for i in range(repeats):
+        lat(names[0])
+        same.append(lat(names[0]))
+        other.append(lat(names[1 + i % (len(names) - 1)]))
+    return (_median(other) - _median(same)) * 1e3
+
+
+def _cold_load_ms(engine: Any, path: Path, repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        name = f"cold-{i}"
+        t0 = time.perf_counter()
+        engine.load_adapter(name, path)
+        times.append(time.perf_counter() - t0)
+        engine.unload_adapter(name)
+    return _median(times) * 1e3
+
+
+def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Path, new_tokens: int) -> dict[str, float]:
+    """Streams decode while another request's adapter is read from disk (off the loop thread).
+
+    Returns the streams' median ITL, the p99 ITL of gaps overlapping the load, and their ratio.
+    """
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, names)]
+
+    def drain(i: int) -> None:
+        for item in streams[i]:
+            if isinstance(item, StreamDelta):
+                arrivals[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    while min(len(a) for a in arrivals) < new_tokens // 4:
+        time.sleep(0.002)
+    engine.registry.register("cold-itl", str(cold))
+    t_load = time.perf_counter()
+    engine.generate(prompts[0], adapter="cold-itl", max_tokens=1)  # a cold load, then one token
+    t_done = time.perf_counter()
+    for t in threads:
+        t.join()
+    engine.unload_adapter("cold-itl")
+    gaps, during = [], []
+    for a in arrivals:
+        for t0, t1 in zip(a, a[1:]):
+            gaps.append(t1 - t0)
+            if t1 >= t_load and t0 <= t_done:
+                during.append(t1 - t0)
+    med = _median(gaps)
+    p99 = float(torch.tensor(during).quantile(0.99)) if during else float("nan")
+    return {"itl_median_ms": med * 1e3, "itl_p99_during_load_ms": p99 * 1e3, "itl_p99_during_load_ratio": p99 / med,
+            "load_window_ms": (t_done - t_load) * 1e3}
+
+
+# --------------------------------------------------------------------------- transformers side
+
+
+def _peft_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, adapter_names: list[str] | None) -> None:
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    kw = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kw)
+    assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, device: str = "cpu", batch: int = 16,
+        repeats: int = 3, skip_peft: bool = False, log: Any = print) -> dict[str, Any]:
+    """Run every measurement and return the result dict (see the module docstring for the keys)."""
+    from coe.engine import Engine
+
+    torch.set_num_threads(threads)
+    res: dict[str, Any] = {"model": model or "embedded SmolLM2-135M-Instruct (GGUF, fp32)", "threads": threads,
+                           "device": device, "new_tokens": new_tokens, "batch": batch, "repeats": repeats,
+                           "adapters": NUM_ADAPTERS, "rank": RANK, "torch": torch.__version__}
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(model, dtype="float32", device=device, max_batch=batch, max_loras=NUM_ADAPTERS,
+                                    max_seq_len=PROMPT_TOKENS + new_tokens + 64, max_queue=4 * batch)
+    res["engine_load_s"] = round(time.perf_counter() - t0, 2)
+    from coe.engine.weights import resolve_model
+
+    files = resolve_model(model)
+    tmp = Path(tempfile.mkdtemp(prefix="coe-bench-"))
+    paths = _make_adapters(engine.model.args, tmp, NUM_ADAPTERS + 1, engine.model_id)
+    names = [f"a{i}" for i in range(NUM_ADAPTERS)]
+    for n, p in zip(names, paths):
+        engine.load_adapter(n, p)
+    prompts = _prompts(engine.tokenizer, batch)
+    res["prompt_tokens"] = _median([engine.count_prompt_tokens(p) for p in prompts])
+    mixed = [names[i % NUM_ADAPTERS] for i in range(batch)]
+    total = batch * new_tokens
+
+    log(f"engine: {engine.model_id}, {threads} threads; measuring ({repeats} repeats each)...")
+    s = _timed(lambda: engine.generate(prompts[0], adapter=names[0], max_tokens=new_tokens, ignore_eos=True), repeats)
+    res["single_stream_tok_s"] = new_tokens / s
+    s = _timed(lambda: engine.generate(prompts[0], adapter=None, max_tokens=new_tokens, ignore_eos=True), repeats)
+    res["single_stream_base_tok_s"] = new_tokens / s
+    s = _timed(lambda: _engine_concurrent(engine, prompts, mixed, new_tokens), repeats)
+    res["mixed16_tok_s"] = total / s
+    s = _timed(lambda: _engine_concurrent(engine, prompts, [names[0]] * batch, new_tokens), repeats)
+    res["uniform16_tok_s"] = total / s
+    s = _timed(lambda: _engine_concurrent(engine, prompts, [None] * batch, new_tokens), repeats)
+    res["base16_tok_s"] = total / s
+    res["heterogeneity_ratio"] = res["mixed16_tok_s"] / res["uniform16_tok_s"]
+    res["lora_vs_base_ratio"] = res["uniform16_tok_s"] / res["base16_tok_s"]
+    res["adapter_switch_ms"] = _switch_ms(engine, prompts[1], names, max(5, 4 * repeats))
+    res["cold_load_ms"] = _cold_load_ms(engine, paths[-1], max(3, repeats))
+    itl = _itl_during_load(engine, prompts[: batch // 2], names[: batch // 2] if batch // 2 <= NUM_ADAPTERS else mixed[: batch // 2],
+                           paths[-1], new_tokens)
+    res.update(itl)
+    res["engine_stats"] = {k: v for k, v in engine.stats().items() if k in ("steps_total", "tokens_total", "kv_cache_reserved_bytes", "weight_bytes")}
+    res["peak_rss_mb"] = _rss_mb()
+    engine.shutdown()
+    del engine
+
+    if not skip_peft:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log("transformers+PEFT baseline...")
+        hf = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(str(files.path))
+        s = _timed(lambda: _peft_generate(hf, tok, prompts[:1], new_tokens, None), repeats)
+        res["peft_single_stream_base_tok_s"] = new_tokens / s
+        pm = PeftModel.from_pretrained(hf, str(paths[0]), adapter_name=names[0])
+        for n, p in zip(names[1:], paths[1:]):
+            pm.load_adapter(str(p), adapter_name=n)
+        pm.eval()
+        pm.set_adapter(names[0])
+        s = _timed(lambda: _peft_generate(pm, tok, prompts[:1], new_tokens, None), repeats)
+        res["peft_single_stream_tok_s"] = new_tokens / s
+        s = _timed(lambda: _peft_generate(pm, tok, prompts, new_tokens, mixed), repeats)
+        res["peft_mixed16_tok_s"] = total / s
+        res["single_stream_speedup"] = res["single_stream_tok_s"] / res["peft_single_stream_tok_s"]
+        res["single_stream_base_speedup"] = res["single_stream_base_tok_s"] / res["peft_single_stream_base_tok_s"]
+        res["mixed16_speedup"] = res["mixed16_tok_s"] / res["peft_mixed16_tok_s"]
+    res["peak_rss_total_mb"] = _rss_mb()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+
+
+GOALS = {"single_stream_speedup": (">=", 2.5), "mixed16_speedup": (">=", 3.0), "heterogeneity_ratio": (">=", 0.95),
+         "lora_vs_base_ratio": (">=", 0.95), "adapter_switch_ms": ("<", 1.0), "cold_load_ms": ("<", 100.0),
+         "itl_p99_during_load_ratio": ("<", 2.0)}
+
+
+def main(args: Any) -> int:
+    """Entry point of ``coe bench engine`` (argparse Namespace from ``coe.cli``)."""
+    quick = bool(getattr(args, "quick", False))
+    res = run(getattr(args, "model", None), threads=getattr(args, "threads", 2) or 2,
+              new_tokens=getattr(args, "new_tokens", 64) or 64, device=getattr(args, "device", "cpu") or "cpu",
+              batch=getattr(args, "batch", 16) or 16, repeats=1 if quick else 3,
+              log=lambda m: print(m, file=sys.stderr))
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        goal = GOALS.get(k)
+        mark = ""
+        if goal and isinstance(v, (int, float)):
+            ok = v >= goal[1] if goal[0] == ">=" else v < goal[1]
+            mark = f"   goal {goal[0]} {goal[1]}: {'met' if ok else 'MISSED'}"
+        print(f"{k:<{width}}  {v}{mark}")
+    out = getattr(args, "json", None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # python -m coe.engine.bench [--quick]
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--quick", action="store_true")
+    sys.exit(main(ap.parse_args()))

@@ -1,0 +1,29 @@
+"""``coe bench engine`` runs end to end (tiny model, few tokens) and writes every key of issue 6.
+Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from coe.engine import bench
+
+KEYS = [
+    "single_stream_tok_s", "peft_single_stream_tok_s", "single_stream_speedup",
+    "mixed16_tok_s", "peft_mixed16_tok_s", "mixed16_speedup",
+    "heterogeneity_ratio", "lora_vs_base_ratio", "adapter_switch_ms",
+    "cold_load_ms", "itl_p99_during_load_ratio", "peak_rss_mb",
+]
+
+
+def test_bench_engine_writes_all_keys(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "bench.json"
+    ns = argparse.Namespace(model=str(tiny_dir), json=str(out), threads=1, new_tokens=6, device="cpu", batch=4, quick=True)
+    assert bench.main(ns) == 0
+    res = json.loads(out.read_text())
+    for k in KEYS:
+        assert isinstance(res[k], (int, float)) and math.isfinite(res[k]), (k, res.get(k))
+    assert res["single_stream_tok_s"] > 0 and res["cold_load_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "mixed16_speedup" in printed and "goal >= 3.0" in printed
