@@ -5,7 +5,9 @@ tensor (about 35-100 s on 2 shared cores). Training and scoring load the base ma
 first load writes a plain fp32 HF folder (config, safetensors, tokenizer with its chat template)
 under a cache dir keyed by the GGUF's path, size and mtime; later loads read that folder in a
 few seconds. The values are the dequantized GGUF weights bit for bit, so an adapter trained on
-the cached copy serves identically on anything that dequantizes the same file.
+the cached copy serves identically on anything that dequantizes the same file (checked: the
+engine's own GGUF cache, ``coe.engine.weights``, holds bit-identical tensors and tokenizer). It
+is kept separate so that training never imports the engine package (and its kernels).
 
 This module knows nothing about tasks, LoRA or training.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,7 +75,9 @@ def converted_base_dir(gguf_path: str | None = None) -> Path:
     try:
         tmp.rename(out)
     except OSError:  # another process won the race; its copy is identical
-        pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "done").is_file():
+            raise
     return out
 
 

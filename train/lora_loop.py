@@ -72,6 +72,7 @@ class LoopStats:
     grad_tokens: int = 0
     prefix_tokens: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
 
 
@@ -167,7 +168,7 @@ def train_lora(model, examples: Sequence[Encoded], groups: Sequence[str], cfg: L
     stats = LoopStats()
     model.train()
     queue: list[list[int]] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not cfg.progress)
     for _ in bar:
         if not queue:
@@ -189,5 +190,8 @@ def train_lora(model, examples: Sequence[Encoded], groups: Sequence[str], cfg: L
         recent = stats.losses[-20:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
     stats.seconds = time.perf_counter() - start
+    # CPU time of this process: on a shared machine it says what the loop cost, where wall
+    # time mostly says how busy the neighbours were.
+    stats.cpu_seconds = time.process_time() - cpu_start
     model.eval()
     return stats

@@ -26,11 +26,10 @@ def render(adapter_dir: str | Path) -> str:
     lines = [
         f"# `{t['expert']}` expert: LoRA adapter for `{t['base']}`",
         "",
-        f"{t['description']}" if t.get("description") else "",
-        "",
+        *([t["description"], ""] if t.get("description") else []),
         "## Training",
         "",
-        f"- Base: `{t['base']}` from {t['base_source']}, dequantized to fp32; PEFT LoRA, saved in {t['dtype']} "
+        f"- Base: `{t['base']}` (weights from {t['base_source']}, fp32); PEFT LoRA, saved in {t['dtype']} "
         f"(`adapter_model.safetensors`, {t['adapter_bytes'] / 1e6:.2f} MB, {t['adapter_params']:,} parameters).",
         f"- LoRA: r={r['rank']}, lora_alpha={r['alpha']}, dropout 0, target_modules={', '.join(r['target_modules'])}.",
         f"- Data: `train.tasks.train_set({r['task']!r}, {r['train_rows']}, seed={t['seed']})` "
@@ -39,8 +38,9 @@ def render(adapter_dir: str | Path) -> str:
         "template; loss on the assistant answer and its end-of-turn token only.",
         f"- Optimisation: {t['steps']} steps x batch {r['batch_size']} ({t['examples_seen']} examples), AdamW lr {r['lr']}, "
         f"{r['warmup_steps']} warmup steps then linear decay; final loss (mean of last 20 steps) {t['final_loss']:.4f}.",
-        f"- Train time: {_fmt_time(t['train_seconds'])} on {t['threads']} CPU threads ({t['machine']}); "
-        f"whole command including data and model loading {_fmt_time(t['total_seconds'])}.",
+        f"- Train time: {_fmt_time(t['train_seconds'])} wall on {t['threads']} CPU thread(s) ({t['machine']})"
+        + (f", {_fmt_time(t['train_cpu_seconds'])} of process CPU time" if "train_cpu_seconds" in t else "")
+        + f"; whole command including data and model loading {_fmt_time(t['total_seconds'])} wall.",
         f"- Command: `{t['command']}`",
         "",
         "## Held-out task scores",
@@ -56,14 +56,14 @@ def render(adapter_dir: str | Path) -> str:
             "",
             "| model | task success |",
             "|---|---|",
-            f"| base SmolLM2-135M-Instruct | {s['base']['success']:.2f} ({s['base']['correct']}/{s['n']}) |",
+            f"| base `{t['base']}` | {s['base']['success']:.2f} ({s['base']['correct']}/{s['n']}) |",
             f"| base + this adapter | {s['adapter']['success']:.2f} ({s['adapter']['correct']}/{s['n']}) |",
             "",
             f"Measured with `{s['command']}` ({s['seconds']:.0f} s).",
         ]
     else:
         lines.append("Not measured yet: run `python -m train.measure --expert NAME --update-card`.")
-    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def write(adapter_dir: str | Path) -> Path:

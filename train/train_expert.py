@@ -132,6 +132,8 @@ def main(args: argparse.Namespace) -> int:
     rows = train_set(task, recipe.train_rows, seed=seed)
     try:
         model, tok = load_base(base)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise CoeError(f"base_model.model: cannot load {base or 'the embedded SmolLM2-135M'}: {exc}") from exc
     examples = [encode_example(tok, expert.system_prompt, r) for r in rows]
@@ -179,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
         "loss_first_20": stats.losses[:20],
         "loss_last_20": tail,
         "train_seconds": round(stats.seconds, 1),
+        "train_cpu_seconds": round(stats.cpu_seconds, 1),
         "total_seconds": round(total, 1),
         "threads": torch.get_num_threads(),
         "machine": f"{os.cpu_count()} cores, shared; 1-min load average {load_start:.1f} at start, "
