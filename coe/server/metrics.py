@@ -4,7 +4,8 @@ Counted per request: requests by endpoint, expert, routing source and HTTP statu
 completion tokens; time to first token; inter-token latency; routing latency; request
 duration. Read at scrape time from the pipeline: requests in flight, the engine's queue depth,
 resident adapters by location (device/cpu/disk/remote), and every numeric engine statistic as
-``coe_engine_<name>``.
+``coe_engine_<name>`` (per-key dicts such as the per-adapter ``max_queue_wait_s`` get a
+``key`` label).
 
 Each app gets its own ``CollectorRegistry`` so that several servers in one process (tests, the
 remote-backend setup) never share or clash over metrics. Knows nothing about HTTP.
@@ -51,10 +52,15 @@ class _ScrapeCollector(Collector):
         if isinstance(depth, (int, float)):
             yield GaugeMetricFamily("coe_queue_depth", "requests waiting for a batch slot", value=float(depth))
         for key, value in sorted(stats.items()):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
             name = "coe_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key))
-            yield GaugeMetricFamily(name, f"engine statistic {key!r}", value=float(value))
+            if isinstance(value, dict) and value and all(_is_number(v) for v in value.values()):
+                # e.g. max_queue_wait_s per adapter: one labelled series per entry
+                g = GaugeMetricFamily(name, f"engine statistic {key!r} by key", labels=["key"])
+                for k, v in sorted(value.items()):
+                    g.add_metric([str(k)], float(v))
+                yield g
+            elif _is_number(value):
+                yield GaugeMetricFamily(name, f"engine statistic {key!r}", value=float(value))
         try:
             adapters = self._adapters() or []
         except Exception:
@@ -68,6 +74,10 @@ class _ScrapeCollector(Collector):
         for loc, n in sorted(by_location.items()):
             g.add_metric([loc], float(n))
         yield g
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:

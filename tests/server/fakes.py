@@ -141,7 +141,8 @@ class FakeEngine:
         del self.adapters[name]
 
     def stats(self) -> dict[str, Any]:
-        return {"running": self.running, "queue_depth": 0, "finished": self.finished}
+        return {"running": self.running, "queue_depth": 0, "finished": self.finished, "accepting": True,
+                "max_queue_wait_s": {"sql": 0.5}, "model_id": self.model_id}
 
     def shutdown(self, grace_s: float = 0.0) -> None:
         self.shutdown_called = True

@@ -200,6 +200,7 @@ def test_metrics_and_health(server, client):
                  "coe_resident_adapters", "coe_requests_in_flight"):
         assert name in text, name
     assert 'expert="sql",source="rule",status="200"' in text
+    assert "coe_queue_depth 0.0" in text and 'coe_engine_max_queue_wait_s{key="sql"}' in text
     assert httpx.get(server.url + "/ready").json()["status"] == "ready"
 
 

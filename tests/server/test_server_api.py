@@ -170,6 +170,8 @@ def test_metrics_count_requests_tokens_and_latencies(client):
     assert "coe_route_latency_seconds_count 2.0" in text
     assert 'coe_resident_adapters{location="cpu"} 3.0' in text
     assert "coe_queue_depth 0.0" in text and "coe_requests_in_flight 0.0" in text
+    assert 'coe_engine_max_queue_wait_s{key="sql"} 0.5' in text and "coe_engine_running 0.0" in text
+    assert "coe_engine_accepting" not in text and "coe_engine_model_id" not in text  # non-numbers are skipped
 
 
 def test_draining_server_answers_503(client):
