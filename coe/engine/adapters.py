@@ -9,8 +9,8 @@ a missing folder, no or corrupt safetensors, a pickle-only adapter, DoRA, LoRA b
 serve, such as ``lm_head``), wrong shapes, a rank above ``serving.max_lora_rank``.
 
 The packed form matches the model's fused projections (q/k/v, o, gate/up, down): per layer and
-group, ``A [n*r, d_in]``, ``B [sum(d_out), r]`` and a scale per slice, at the adapter's largest
-rank ``r`` (smaller module ranks are zero-padded).
+group, ``A [n*r, d_in]``, ``Bt [r, sum(d_out)]`` (B transposed, as the stacks store it) and a
+scale per slice, at the adapter's largest rank ``r`` (smaller module ranks are zero-padded).
 Copying it into a slot of the stacks is then a handful of ``copy_`` calls.
 
 This module knows nothing about slots, requests or scheduling (``registry.py`` does).
@@ -53,8 +53,8 @@ class PackedAdapter:
         name: the registry name.
         source: where it was read from.
         rank: the largest module rank (the packed rank).
-        layers: per layer, ``{group: (A [n*rank, d_in], B [sum(d_out), rank], scale [n])}`` for
-            the groups the adapter touches in that layer.
+        layers: per layer, ``{group: (A [n*rank, d_in], Bt [rank, sum(d_out)], scale [n])}`` for
+            the groups the adapter touches in that layer (views into two flat buffers).
         nbytes: bytes held by the packed tensors.
         targets: the PEFT module names the adapter targets (``q_proj``...).
         base_model: the adapter's ``base_model_name_or_path``.
@@ -249,42 +249,68 @@ def read_adapter(name: str, source: str, args: ModelArgs, *, max_rank: int, dtyp
             )
         if r > max_rank:
             raise AdapterError(name, f"{full}: rank {r} is above serving.max_lora_rank={max_rank}; raise the limit or use a smaller adapter")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(name, f"{full}: lora weights contain NaN or inf (corrupt adapter)")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[(layer, module)] = (A, B, scale)
 
     rank = max(A.shape[0] for A, _, _ in modules.values())
-    layers = _pack(modules, args, rank, dtype)
-    nbytes = sum(t.numel() * t.element_size() for groups in layers for trio in groups.values() for t in trio)
+    layers, flats = _pack(modules, args, rank, dtype)
+    # One pass per buffer: a NaN or inf anywhere makes the sum non-finite (an overflowing sum of
+    # finite weights is re-checked exactly before anything is refused).
+    if not all(bool(torch.isfinite(f.sum())) for f in flats):
+        _first_non_finite(name, modules)
+    nbytes = sum(f.numel() * f.element_size() for f in flats) + 4 * sum(len(t[2]) for g in layers for t in g.values())
     targets = tuple(t for t in LORA_TARGETS if any(m == t for _, m in modules))
     return PackedAdapter(name=name, source=str(source), rank=rank, layers=layers, nbytes=nbytes, targets=targets,
                          base_model=cfg.get("base_model_name_or_path"), meta={"path": str(path), "use_rslora": rslora})
 
 
 def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]], args: ModelArgs, rank: int,
-          dtype: torch.dtype) -> list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [{} for _ in range(args.n_layers)]
+          dtype: torch.dtype) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], list[torch.Tensor]]:
+    """Lay the modules out per fused group as ``(A [n*rank, d_in], Bt [rank, sum(d_out)], scale [n])``.
+
+    All groups are views into two flat buffers (one allocation each instead of one per group),
+    which are returned too: a single reduction over each then checks the whole adapter.
+    """
+    todo = []
+    size_a = size_b = size_s = 0
     for layer in range(args.n_layers):
         for group, members in FUSED_GROUPS.items():
-            if not any((layer, m) in modules for m in members):
-                continue
-            d_in = args.module_shape(members[0])[0]
-            outs = [args.module_shape(m)[1] for m in members]
-            A = torch.zeros(len(members) * rank, d_in, dtype=dtype)
-            B = torch.zeros(sum(outs), rank, dtype=dtype)
-            scale = torch.zeros(len(members), dtype=dtype)
-            off = 0
-            for i, m in enumerate(members):
-                if (layer, m) in modules:
-                    a, b, s = modules[(layer, m)]
-                    r = a.shape[0]
-                    A[i * rank : i * rank + r] = a.to(dtype)
-                    B[off : off + outs[i], :r] = b.to(dtype)
-                    scale[i] = s
-                off += outs[i]
-            layers[layer][group] = (A, B, scale)
-    return layers
+            if any((layer, m) in modules for m in members):
+                d_in = args.module_shape(members[0])[0]
+                outs = [args.module_shape(m)[1] for m in members]
+                todo.append((layer, group, members, d_in, outs, size_a, size_b, size_s))
+                size_a += len(members) * rank * d_in
+                size_b += rank * sum(outs)
+                size_s += len(members)
+    flat_a = torch.zeros(size_a, dtype=dtype)
+    flat_b = torch.zeros(size_b, dtype=dtype)
+    scales = [0.0] * size_s
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [{} for _ in range(args.n_layers)]
+    views = []
+    for layer, group, members, d_in, outs, off_a, off_b, off_s in todo:
+        A = flat_a[off_a : off_a + len(members) * rank * d_in].view(len(members) * rank, d_in)
+        Bt = flat_b[off_b : off_b + rank * sum(outs)].view(rank, sum(outs))
+        off = 0
+        for i, m in enumerate(members):
+            if (layer, m) in modules:
+                a, b, sc = modules[(layer, m)]
+                r = a.shape[0]
+                A[i * rank : i * rank + r].copy_(a)
+                Bt[:r, off : off + outs[i]].copy_(b.t())
+                scales[off_s + i] = sc
+            off += outs[i]
+        views.append((layer, group, A, Bt, off_s, len(members)))
+    flat_s = torch.tensor(scales, dtype=dtype)
+    for layer, group, A, Bt, off_s, n in views:
+        layers[layer][group] = (A, Bt, flat_s[off_s : off_s + n])
+    return layers, [flat_a, flat_b]
+
+
+def _first_non_finite(name: str, modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    """Raise naming the first module whose weights hold NaN or inf (the slow, exact check)."""
+    for (layer, module), (A, B, _) in sorted(modules.items()):
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(name, f"model.layers.{layer}.{module}: lora weights contain NaN or inf (corrupt adapter)")
 
 
 def _norm_name(s: str) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import queue
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
@@ -89,6 +90,12 @@ class Engine:
                                         strict_base_model=serving.strict_base_model)
         self.eos_ids = _eos_ids(tokenizer, hf_config, model_path)
         self._closed = False
+        # Callers tokenize on their own threads; a fast tokenizer must not be borrowed mutably by
+        # two of them at once (transformers may toggle its truncation state inside encode).
+        self._tokenize_lock = threading.Lock()
+        if serving.compile:
+            logger.warning("serving.compile: not used by this engine (compiled regions cannot contain the "
+                           "multi-LoRA kernels yet); running eagerly")
         self.scheduler = Scheduler(model, self.kv, self.registry, tokenizer, max_seq_len=self.max_seq_len,
                                    prefill_chunk=serving.prefill_chunk, max_queue=serving.max_queue)
 
@@ -217,7 +224,8 @@ class Engine:
 
     def count_prompt_tokens(self, prompt: str | None = None, messages: Seq[Any] | None = None) -> int:
         """Tokens the prompt (or the chat, template applied) takes, as ``generate`` would count them."""
-        return len(encode_prompt(self.tokenizer, prompt, messages))
+        with self._tokenize_lock:
+            return len(encode_prompt(self.tokenizer, prompt, messages))
 
     def _request(self, prompt: Any, messages: Any, adapter: Any, ignore_eos: bool = False, **params: Any) -> Request:
         if self._closed:
@@ -226,7 +234,8 @@ class Engine:
             known = ", ".join(sorted(self.registry.names())) or "none"
             raise UnknownModel(f"adapter {adapter!r} is not loaded (loaded adapters: {known}); load it or pass adapter=None for the base model",
                                param="adapter")
-        ids = encode_prompt(self.tokenizer, prompt, messages)
+        with self._tokenize_lock:
+            ids = encode_prompt(self.tokenizer, prompt, messages)
         s = self.serving
         return build_request(ids, adapter=adapter, max_seq_len=self.max_seq_len, max_tokens_default=s.max_tokens_default,
                              max_tokens_limit=s.max_tokens_limit, default_timeout_s=s.request_timeout_s,

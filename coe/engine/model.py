@@ -156,38 +156,60 @@ def rope_inv_freq(config: Any) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor, dim: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, bit for bit (mean == sum / n; pow(2) == x * x), in fewer
+    dispatches than ``F.rms_norm``'s composite (measured ~1.5x faster per call on the CPU).
+
+    ``eps`` and ``dim`` are 0-dim float32 tensors: a Python scalar operand costs a wrapping
+    dispatch (measured 2x the cost of the op itself on a [1, 576] tensor).
+    """
+    if x.dtype != torch.float32:  # transformers normalizes in fp32 and rounds once
+        xf = x.float()
+        return w * (xf * (xf * xf).sum(-1, keepdim=True).div_(dim).add_(eps).rsqrt_()).to(x.dtype)
+    return (x * (x * x).sum(-1, keepdim=True).div_(dim).add_(eps).rsqrt_()).mul_(w)
+
+
+def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` given ``w_t = w.t()``: the same mm/addmm kernel, fewer dispatches."""
+    return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+
+
 class LoRAStack:
     """One fused projection's stacked adapter weights, filled slot by slot by the registry.
 
     Attributes:
         A: [S, n*R, d_in], slice i is rows ``i*R:(i+1)*R``; zero rows pad smaller ranks.
-        B: [S, sum(output_slices), R].
+        Bt: [S, R, sum(output_slices)], contiguous: B stored transposed.
+        B: ``Bt.transpose(1, 2)``, the [S, sum(output_slices), R] view the kernels' contract
+            names. The kernels' CPU path multiplies by B^T, so storing it this way spares them a
+            transposed copy of every stack (which they would rebuild after each adapter load).
         scale: [n, S] per-slice, per-slot scaling (alpha / r, or alpha / sqrt(r) with rsLoRA).
         output_slices: the fused outputs, e.g. (H*D, K*D, K*D) for q/k/v.
     """
 
-    __slots__ = ("A", "B", "scale", "output_slices", "d_in")
+    __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in")
 
     def __init__(self, d_in: int, output_slices: tuple[int, ...]) -> None:
         self.d_in = d_in
         self.output_slices = output_slices
-        self.A = self.B = self.scale = None  # allocated by ``Transformer.allocate_lora``
+        self.A = self.Bt = self.B = self.scale = None  # allocated by ``Transformer.allocate_lora``
 
     def allocate(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         n = len(self.output_slices)
         self.A = torch.zeros(num_slots, n * rank, self.d_in, dtype=dtype, device=device)
-        self.B = torch.zeros(num_slots, sum(self.output_slices), rank, dtype=dtype, device=device)
+        self.Bt = torch.zeros(num_slots, rank, sum(self.output_slices), dtype=dtype, device=device)
+        self.B = self.Bt.transpose(1, 2)
         self.scale = torch.zeros(n, num_slots, dtype=dtype, device=device)
 
     @property
     def rank(self) -> int:
-        return 0 if self.B is None else self.B.shape[2]
+        return 0 if self.Bt is None else self.Bt.shape[1]
 
 
 class Layer:
     """One decoder block's weights (plain attributes: see the module docstring)."""
 
-    __slots__ = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "ffn_norm", "w13", "b13", "w2", "b2", "lora")
+    __slots__ = ("attn_norm", "wqkv_t", "bqkv", "wo_t", "bo", "ffn_norm", "w13_t", "b13", "w2_t", "b2", "lora")
 
     def __init__(self) -> None:
         self.lora: dict[str, LoRAStack] = {}
@@ -240,9 +262,12 @@ class Transformer:
         self.tok_embeddings: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
+        self.output_t: torch.Tensor | None = None
         self.rope_cos: torch.Tensor | None = None  # [max_len, D]
         self.rope_sin: torch.Tensor | None = None  # [max_len, D], first half negated (see from_state)
         self.num_lora_slots = 0
+        self._eps = torch.tensor(args.norm_eps, dtype=torch.float32, device=device)
+        self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
 
     # ------------------------------------------------------------------ construction
 
@@ -293,6 +318,7 @@ class Transformer:
             self.output = self.tok_embeddings
         else:
             self.output = need("lm_head.weight", (a.vocab_size, a.dim)).contiguous()
+        self.output_t = self.output.t()
         D, H, K = a.head_dim, a.n_heads, a.n_kv_heads
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
@@ -301,22 +327,24 @@ class Transformer:
             wq = need(p + "self_attn.q_proj.weight", (a.q_size, a.dim))
             wk = need(p + "self_attn.k_proj.weight", (a.kv_size, a.dim))
             wv = need(p + "self_attn.v_proj.weight", (a.kv_size, a.dim))
-            L.wqkv = torch.cat([wq, wk, wv]).contiguous()
+            # Weights are kept [out, in] as in the checkpoint and used through transposed views:
+            # mm(x, W.t()) is what F.linear runs, minus two dispatch layers per call.
+            L.wqkv_t = torch.cat([wq, wk, wv]).contiguous().t()
             L.bqkv = None
             if a.qkv_bias:
                 L.bqkv = torch.cat([need(p + f"self_attn.{n}_proj.bias", (d,)) for n, d in
                                     (("q", a.q_size), ("k", a.kv_size), ("v", a.kv_size))]).contiguous()
-            L.wo = need(p + "self_attn.o_proj.weight", (a.dim, a.q_size)).contiguous()
+            L.wo_t = need(p + "self_attn.o_proj.weight", (a.dim, a.q_size)).contiguous().t()
             L.bo = maybe(p + "self_attn.o_proj.bias", (a.dim,), a.o_bias)
             L.ffn_norm = need(p + "post_attention_layernorm.weight", (a.dim,))
             I = a.intermediate_size
             wg = need(p + "mlp.gate_proj.weight", (I, a.dim))
             wu = need(p + "mlp.up_proj.weight", (I, a.dim))
-            L.w13 = torch.cat([wg, wu]).contiguous()
+            L.w13_t = torch.cat([wg, wu]).contiguous().t()
             L.b13 = None
             if a.mlp_bias:
                 L.b13 = torch.cat([need(p + "mlp.gate_proj.bias", (I,)), need(p + "mlp.up_proj.bias", (I,))])
-            L.w2 = need(p + "mlp.down_proj.weight", (a.dim, I)).contiguous()
+            L.w2_t = need(p + "mlp.down_proj.weight", (a.dim, I)).contiguous().t()
             L.b2 = maybe(p + "mlp.down_proj.bias", (a.dim,), a.mlp_bias)
             L.lora = {
                 "qkv": LoRAStack(a.dim, (a.q_size, a.kv_size, a.kv_size)),
@@ -352,7 +380,7 @@ class Transformer:
         total = 0
         tensors = [self.tok_embeddings, self.norm, self.output]
         for L in self.layers:
-            tensors += [L.attn_norm, L.wqkv, L.bqkv, L.wo, L.bo, L.ffn_norm, L.w13, L.b13, L.w2, L.b2]
+            tensors += [L.attn_norm, L.wqkv_t, L.bqkv, L.wo_t, L.bo, L.ffn_norm, L.w13_t, L.b13, L.w2_t, L.b2]
         for t in tensors:
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -373,7 +401,7 @@ class Transformer:
         H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
         G = H // K
         T = batch.token_ids.shape[0]
-        eps = a.norm_eps
+        eps, dim = self._eps, self._dim
         q_size, kv_size = a.q_size, a.kv_size
         meta = batch.meta
         use_lora = meta.any_lora
@@ -389,19 +417,21 @@ class Transformer:
             slots_d = batch.decode_kv_slots
         decode_only = Bd == T
         NQK = H + K
+        half = D // 2
+        I = a.intermediate_size
 
         x = F.embedding(batch.token_ids, self.tok_embeddings)  # [T, dim]
         for li, layer in enumerate(self.layers):
             lora = layer.lora
             # ---- attention
-            h = F.rms_norm(x, (a.dim,), layer.attn_norm, eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [T, (H+2K)*D]
+            h = _rms_norm(x, layer.attn_norm, eps, dim)
+            qkv = _linear(h, layer.wqkv_t, layer.bqkv)  # [T, (H+2K)*D]
             if use_lora:
                 st = lora["qkv"]
                 add_lora_packed(qkv, h, st.A, st.B, meta, st.scale, st.output_slices)
             # RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers does.
             qk = qkv[:, : q_size + kv_size].view(T, NQK, D)
-            rot = qk.view(T, NQK, 2, D // 2).flip(2).view(T, NQK, D).mul_(sin)
+            rot = qk.roll(half, -1).mul_(sin)  # [x2, x1] * [-sin, sin] == rotate_half(qk) * sin
             qk = (qk * cos).add_(rot).view(T, NQK * D)
             k = qk[:, q_size:].view(T, K, D)
             v = qkv[:, q_size + kv_size :].view(T, K, D)
@@ -424,20 +454,20 @@ class Transformer:
                         causal = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)
                         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, enable_gqa=G > 1)
                     attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
-            o = F.linear(attn, layer.wo, layer.bo)
+            o = _linear(attn, layer.wo_t, layer.bo)
             if use_lora:
                 st = lora["o"]
                 add_lora_packed(o, attn, st.A, st.B, meta, st.scale, st.output_slices)
             x = x + o
             # ---- feed-forward (SwiGLU)
-            h = F.rms_norm(x, (a.dim,), layer.ffn_norm, eps)
-            gu = F.linear(h, layer.w13, layer.b13)  # [T, 2I]
+            h = _rms_norm(x, layer.ffn_norm, eps, dim)
+            gu = _linear(h, layer.w13_t, layer.b13)  # [T, 2I]
             if use_lora:
                 st = lora["gate_up"]
                 add_lora_packed(gu, h, st.A, st.B, meta, st.scale, st.output_slices)
-            I = a.intermediate_size
-            act = F.silu(gu[:, :I]).mul_(gu[:, I:])
-            d = F.linear(act, layer.w2, layer.b2)
+            g, u = gu.view(T, 2, I).unbind(1)
+            act = F.silu(g).mul_(u)
+            d = _linear(act, layer.w2_t, layer.b2)
             if use_lora:
                 st = lora["down"]
                 add_lora_packed(d, act, st.A, st.B, meta, st.scale, st.output_slices)
@@ -445,8 +475,8 @@ class Transformer:
 
         if batch.logit_rows.shape[0] != T:
             x = x.index_select(0, batch.logit_rows)
-        x = F.rms_norm(x, (a.dim,), self.norm, eps)
-        return F.linear(x, self.output).float()
+        x = _rms_norm(x, self.norm, eps, dim)
+        return torch.mm(x, self.output_t).float()
 
     @staticmethod
     def _decode_attention(qk, kc, vc, Bd, L, rng, slots, mask, K, G, D):

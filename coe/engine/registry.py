@@ -241,20 +241,27 @@ class AdapterRegistry:
 
     @torch.inference_mode()
     def _write_slot(self, slot: int, packed: PackedAdapter) -> None:
+        """Copy a packed adapter into ``slot`` of every stack (zeros where it has no weights)."""
         r = packed.rank
         for layer, groups in zip(self.model.layers, packed.layers):
             for group, stack in layer.lora.items():
-                A, B, scale = stack.A[slot], stack.B[slot], stack.scale
-                A.zero_()
-                B.zero_()
+                A, Bt, scale = stack.A[slot], stack.Bt[slot], stack.scale
                 trio = groups.get(group)
                 if trio is None:
+                    A.zero_()
+                    Bt.zero_()
                     scale[:, slot] = 0
                     continue
-                pa, pb, ps = trio
-                n = len(stack.output_slices)
-                A.view(n, stack.rank, stack.d_in)[:, :r].copy_(pa.view(n, r, stack.d_in))
-                B[:, :r].copy_(pb)
+                pa, pbt, ps = trio
+                if r == stack.rank:
+                    A.copy_(pa)
+                    Bt.copy_(pbt)
+                else:  # zero-pad the rank up to the stacks'
+                    n = len(stack.output_slices)
+                    A.zero_()
+                    A.view(n, stack.rank, stack.d_in)[:, :r].copy_(pa.view(n, r, stack.d_in))
+                    Bt.zero_()
+                    Bt[:r].copy_(pbt)
                 scale[:, slot] = ps
 
     def pin(self, name: str) -> "_Entry":

@@ -9,8 +9,9 @@ into a bounded queue and read results from a per-request sink. Between two steps
    least recently used, unpinned) device slot; one whose adapter is still on disk starts a cold
    load on a worker thread and waits, so running streams keep decoding meanwhile;
 4. builds one step: a decode token for every running sequence plus prompt chunks of admitted
-   ones, up to ``serving.prefill_chunk`` prompt tokens (long prompts are chunked across steps
-   so running streams are not starved), one ``LoRAMeta`` for all adapters in it;
+   ones, up to ``serving.prefill_chunk`` prompt tokens (an eighth of it, at least 32, while
+   other sequences are decoding), so long prompts are chunked across steps and running streams
+   are not starved; one ``LoRAMeta`` for all adapters in it;
 5. runs the forward pass, samples, detokenizes, and hands out deltas and finished outputs.
 
 Fairness (LoRAX's adapter exchange): when a waiting request needs a device slot and every slot
@@ -397,7 +398,9 @@ class Scheduler:
         decodes = sorted((j for j in group if not j.seq.prefilling), key=lambda j: j.seq.kv_slot)
         prefill_jobs = []
         chunks = []
-        budget = self.prefill_chunk
+        # With streams decoding, prompts advance in smaller chunks so a step costs at most a few
+        # decode steps (on a CPU a step's time grows with its tokens); alone, at full chunk size.
+        budget = self.prefill_chunk if not decodes else min(self.prefill_chunk, max(32, self.prefill_chunk // 8))
         saved = {}
         for job in group:
             if job.seq.prefilling and budget > 0:
