@@ -9,15 +9,23 @@ Why hand-written rather than transformers' modules: on a 2-core CPU the per-op P
 decode step matters as much as its FLOPs, so this model
 - fuses q/k/v into one ``wqkv`` matmul and gate/up into one ``w13`` matmul (packed LoRA calls too);
 - applies RoPE to q and k together, with cos/sin gathered once per step;
+- calls ``mm`` on pre-transposed weight views and writes RMSNorm with 0-dim tensor constants
+  (each saves dispatches that ``F.linear`` / ``F.rms_norm`` / Python scalars cost);
 - keeps weights as plain tensor attributes (no ``nn.Module.__getattr__`` per weight per layer);
 - writes K/V for all T tokens with one ``index_put_`` per layer and reads a decode batch's cache
   as a view when its sequences sit in consecutive KV slots.
 
 Its arithmetic follows transformers op for op where rounding depends on it (rotate-half RoPE,
 residual added after the projection and its LoRA delta, as PEFT does), so fp32 logits match
-transformers+PEFT bit for bit on the base model and to ~1e-5 with adapters. Faster variants
-(complex-multiply RoPE, residual folded into ``addmm``) were measured and cost that agreement
-(3e-4 on SmolLM2's logits) for ~2 ops per layer.
+transformers+PEFT bit for bit on the base model (prefill; SmolLM2 measured) and to ~1e-5 with
+adapters. Faster variants (complex-multiply RoPE, residual folded into ``addmm``) were measured
+and cost that agreement (3e-4 on SmolLM2's logits) for ~2 ops per layer.
+
+``torch.compile`` was measured too: compiling the whole decode step cuts a 30-layer step's
+dispatch overhead ~2.7x (cpp wrapper, dynamic shapes), but the multi-LoRA kernels are Python
+functions over a per-step ``LoRAMeta`` and cannot sit inside a compiled graph, and compiling the
+pieces between them costs more per call (~70 us of guards and wrapper) than it saves. So the
+step runs eagerly.
 
 Shape letters: T tokens in the step, Bd decode sequences, H query heads, K kv heads, G = H/K,
 D head dim, L context length, S adapter slots, R stacked LoRA rank.
@@ -28,7 +36,6 @@ tensors by checkpoint name, ``adapters.py`` fills its LoRA stacks, ``batch.py`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,6 +50,7 @@ index_put_ = torch.ops.aten.index_put_
 # Projections an adapter may target, in PEFT's module names, grouped as the model fuses them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+GROUP_BITS = {"qkv": 1, "o": 2, "gate_up": 4, "down": 8}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -266,6 +274,7 @@ class Transformer:
         self.rope_cos: torch.Tensor | None = None  # [max_len, D]
         self.rope_sin: torch.Tensor | None = None  # [max_len, D], first half negated (see from_state)
         self.num_lora_slots = 0
+        self.slot_groups: list[list[int]] = []  # per slot, per layer: GROUP_BITS mask of its weights
         self._eps = torch.tensor(args.norm_eps, dtype=torch.float32, device=device)
         self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
 
@@ -369,6 +378,23 @@ class Transformer:
             for stack in layer.lora.values():
                 stack.allocate(num_slots, rank, self.dtype, self.device)
         self.num_lora_slots = num_slots
+        self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
+
+    def set_slot_groups(self, slot: int, groups_per_layer: list[int]) -> None:
+        """Record which fused groups slot ``slot`` has weights for: per layer, a bit mask over
+        ``GROUP_BITS``. A step skips the LoRA call of a group no active adapter touches (PEFT's
+        default q/v-only adapters then cost two calls per layer, not four)."""
+        self.slot_groups[slot] = list(groups_per_layer)
+
+    def _step_groups(self, meta: LoRAMeta) -> list[int]:
+        active = meta.active_slots_host
+        masks = self.slot_groups
+        if len(active) == 1:
+            return masks[active[0]]
+        out = [0] * len(self.layers)
+        for s in active:
+            out = [a | b for a, b in zip(out, masks[s])]
+        return out
 
     @property
     def lora_rank(self) -> int:
@@ -405,6 +431,7 @@ class Transformer:
         q_size, kv_size = a.q_size, a.kv_size
         meta = batch.meta
         use_lora = meta.any_lora
+        groups = self._step_groups(meta) if use_lora else None
         Bd = batch.num_decode
         # Step-level work, shared by every layer.
         cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
@@ -423,10 +450,11 @@ class Transformer:
         x = F.embedding(batch.token_ids, self.tok_embeddings)  # [T, dim]
         for li, layer in enumerate(self.layers):
             lora = layer.lora
+            lmask = groups[li] if use_lora else 0
             # ---- attention
             h = _rms_norm(x, layer.attn_norm, eps, dim)
             qkv = _linear(h, layer.wqkv_t, layer.bqkv)  # [T, (H+2K)*D]
-            if use_lora:
+            if lmask & 1:
                 st = lora["qkv"]
                 add_lora_packed(qkv, h, st.A, st.B, meta, st.scale, st.output_slices)
             # RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers does.
@@ -455,20 +483,20 @@ class Transformer:
                         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, enable_gqa=G > 1)
                     attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
             o = _linear(attn, layer.wo_t, layer.bo)
-            if use_lora:
+            if lmask & 2:
                 st = lora["o"]
                 add_lora_packed(o, attn, st.A, st.B, meta, st.scale, st.output_slices)
             x = x + o
             # ---- feed-forward (SwiGLU)
             h = _rms_norm(x, layer.ffn_norm, eps, dim)
             gu = _linear(h, layer.w13_t, layer.b13)  # [T, 2I]
-            if use_lora:
+            if lmask & 4:
                 st = lora["gate_up"]
                 add_lora_packed(gu, h, st.A, st.B, meta, st.scale, st.output_slices)
             g, u = gu.view(T, 2, I).unbind(1)
             act = F.silu(g).mul_(u)
             d = _linear(act, layer.w2_t, layer.b2)
-            if use_lora:
+            if lmask & 8:
                 st = lora["down"]
                 add_lora_packed(d, act, st.A, st.B, meta, st.scale, st.output_slices)
             x = x + d

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from coe.engine.adapters import PackedAdapter, read_adapter
-from coe.engine.model import Transformer
+from coe.engine.model import GROUP_BITS, Transformer
 from coe.engine.outputs import AdapterInfo
 from coe.errors import AdapterError, UnknownModel
 
@@ -242,6 +242,7 @@ class AdapterRegistry:
     @torch.inference_mode()
     def _write_slot(self, slot: int, packed: PackedAdapter) -> None:
         """Copy a packed adapter into ``slot`` of every stack (zeros where it has no weights)."""
+        self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in packed.layers])
         r = packed.rank
         for layer, groups in zip(self.model.layers, packed.layers):
             for group, stack in layer.lora.items():

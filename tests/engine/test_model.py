@@ -63,7 +63,7 @@ IDS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 65,
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_base_logits_match_transformers(tmp_path, engine_factory, model_type, tie):
     ref = save_tiny_model(tmp_path, tiny_config(model_type, tie=tie), seed=3)
     engine = engine_factory(tmp_path)

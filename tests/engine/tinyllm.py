@@ -41,9 +41,9 @@ def byte_tokenizer() -> Any:
 
 def tiny_config(model_type: str = "llama", *, tie: bool = False, layers: int = 2, hidden: int = 64, heads: int = 4,
                 kv_heads: int = 2, **kw: Any) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
     return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, **kw)
