@@ -162,13 +162,15 @@ def test_astream_and_task_cancellation(engine_factory):
             else:
                 assert item.text == text
         agen = engine.astream(PROMPTS[1], max_tokens=200, ignore_eos=True)
+        started = asyncio.Event()
 
         async def consume():
             async for _ in agen:
-                pass
+                started.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        # the first delta, not a fixed sleep: on a quiet machine 200 tiny-model tokens take < 0.2 s
+        await asyncio.wait_for(started.wait(), 30)
         assert engine.stats()["running"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
