@@ -127,7 +127,14 @@ def _add_eval_e2e(sub: argparse._SubParsersAction) -> None:
     _config_arg(p)
     p.add_argument("--test", default=None, metavar="JSONL", help="test prompts (default: the seeded held-out sets)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--limit", type=int, default=None, help="prompts per task at most")
+    p.add_argument("--limit", type=int, default=None,
+                   help="prompts per task at most (default test set: rows per task, default 40)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the default test set (default: 1234)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="requests in flight at once (default: serving.max_batch)")
+    p.add_argument("--no-share", action="store_true",
+                   help="generate identical requests (auto routed like the oracle) separately")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_target("eval.e2e:main"))
 
 
