@@ -178,10 +178,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_soak(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("soak", help="N concurrent streaming clients against a server for D seconds")
     _config_arg(p)
-    p.add_argument("--url", default=None, help="existing server base URL (default: start one on loopback)")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--url", default=None, help="existing server base URL (default: start `coe serve` on loopback)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default: 16)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default: 30)")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default: 32)")
+    p.add_argument("--distinct", type=int, default=32,
+                   help="distinct requests in the pool, each also run alone for the equality check (default: 32)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="with --url: the server's pid, to record its RSS (default: RSS not recorded)")
+    p.add_argument("--rss-interval", type=float, default=1.0, help="seconds between RSS samples (default: 1)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (default: 600)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.set_defaults(func=_target("eval.soak:main"))
 

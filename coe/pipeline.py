@@ -49,6 +49,13 @@ AUTO = "auto"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's defaults for what neither the request nor the expert sets.
 _OPENAI_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0)
+# A temperature or top_p below this means "the most likely token" (vLLM's _SAMPLING_EPS); sent
+# as is, 1/temperature overflows float32 logits and a nucleus below float32's range drops every
+# token, and the engine's sampler fails the request.
+_SAMPLING_EPS = 1e-5
+# Values echoed in error messages are cut to this many characters (a 1 MB model name must not
+# come back in the body, or in the log).
+_ECHO_CHARS = 80
 
 
 class Decider(Protocol):
@@ -278,10 +285,10 @@ class Pipeline:
         from difflib import get_close_matches
 
         names = self.model_names()
-        close = get_close_matches(model, names, n=1)
+        close = get_close_matches(model, names, n=1) if len(model) <= 200 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownModel(
-            f"model {model!r} does not exist; available: {', '.join(names)} (GET /v1/models).{hint}",
+            f"model {_echo(model)} does not exist; available: {', '.join(names)} (GET /v1/models).{hint}",
             param="model",
         )
 
@@ -396,6 +403,8 @@ class Pipeline:
         merged = req.merged_over(defaults).merged_over(_OPENAI_DEFAULTS)
         if merged.max_tokens is None:
             merged = replace(merged, max_tokens=self.config.serving.max_tokens_default)
+        if (merged.temperature or 0.0) < _SAMPLING_EPS or (merged.top_p or 1.0) < _SAMPLING_EPS:
+            merged = replace(merged, temperature=0.0)
         return replace(merged, max_tokens=min(merged.max_tokens, limit))
 
     def _fit_context(self, params: SamplingParams, request: SamplingParams | None, **prompt: Any) -> SamplingParams:
@@ -659,6 +668,16 @@ class Pipeline:
             )
         if not candidate.exists():
             raise AdapterNotFound(path, f"lora_path {candidate} does not exist", param="lora_path")
+        if candidate.is_dir():
+            # The backend reads the files inside; a symlinked file must not escape the roots either.
+            for entry in candidate.iterdir():
+                target = entry.resolve()
+                if entry.is_symlink() and not any(target == r or target.is_relative_to(r) for r in resolved_roots):
+                    raise AdapterPathForbidden(
+                        path, f"{entry.name} in lora_path is a symlink to {target}, outside serving.adapter_roots "
+                        f"({', '.join(str(r) for r in resolved_roots)}); copy the file into the adapter folder",
+                        param="lora_path",
+                    )
         return str(candidate)
 
     # ------------------------------------------------------------------ lifecycle
@@ -747,6 +766,12 @@ def _is_final(item: Any) -> bool:
 def _unsent(final_text: str, sent_chars: int) -> str:
     """Text of the final output not yet streamed (a backend may send little or nothing as deltas)."""
     return final_text[sent_chars:] if len(final_text) > sent_chars else ""
+
+
+def _echo(value: Any) -> str:
+    """``repr(value)``, cut to ``_ECHO_CHARS`` characters."""
+    text = repr(value)
+    return text if len(text) <= _ECHO_CHARS else text[: _ECHO_CHARS - 5] + "...'"
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:

@@ -7,8 +7,11 @@ pipeline is injected into handlers from ``app.state`` (``provide_pipeline``).
 
 ``coe serve`` loads and validates everything (router, training it when missing unless
 ``--no-train``; base model; adapters) BEFORE binding the port, then prints one ready line with
-the URL and examples. SIGTERM/SIGINT: new ``/v1`` requests get 503, in-flight requests get
-``serving.shutdown_grace_s`` to finish, then the engine stops.
+the URL and examples. SIGTERM/SIGINT (``DrainingServer``): the port stays open while new ``/v1``
+requests get 503 (and ``/ready`` 503, so a load balancer takes the replica out) and in-flight
+generations get ``serving.shutdown_grace_s`` to finish; then the engine stops (a request still
+running gets an ``engine_unavailable`` error, never a silently cut stream) and the process exits 0.
+A second signal stops at once.
 
 This module knows the pipeline's public API only, never the engine or the routers.
 """
@@ -22,21 +25,24 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterator
 
 import anyio
-from litestar import Litestar, Router
+import uvicorn
+from litestar import Litestar, Request, Router
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.exceptions import SerializationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
 from coe import __version__
 from coe.config import CoeConfig, load_config
-from coe.errors import CoeError, EngineUnavailable
+from coe.errors import CoeError, EngineUnavailable, InvalidRequest
 from coe.pipeline import Pipeline
 from coe.server.auth import ApiKeys, api_key_guard
 from coe.server.controllers import AdminController, HealthController, OpenAIController
@@ -62,6 +68,24 @@ def draining_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """After SIGTERM, new ``/v1`` requests get a 503 while in-flight ones finish."""
     if connection.app.state.get("draining"):
         raise EngineUnavailable("the server is shutting down; retry on another replica")
+
+
+class CoeRequest(Request):
+    """Litestar's request, with every JSON decoding failure of the body reported as a clear 400.
+
+    msgspec raises ``RecursionError`` on pathological nesting (``[[[[...]]]]``); that is the
+    client's fault, but a ``RecursionError`` anywhere else is a bug, so only the decode maps it.
+    Its other errors ("Input data was truncated") are reworded to say the body is not JSON.
+    """
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:
+            raise InvalidRequest("the request body is nested too deeply to decode; send a flat OpenAI-style JSON object") from None
+        except SerializationException as exc:
+            detail = str(exc.detail or exc).removeprefix("JSON is malformed: ")
+            raise InvalidRequest(f"the request body is not valid JSON ({detail}); send one JSON object") from None
 
 
 @asynccontextmanager
@@ -129,6 +153,7 @@ def create_app(
         dependencies={"pipeline": Provide(provide_pipeline, sync_to_thread=False),
                       "metrics": Provide(provide_metrics, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=CoeRequest,
         lifespan=[_lifespan],
         state=state,
         request_max_body_size=cfg.serving.max_body_bytes,
@@ -167,8 +192,6 @@ def serve_command(args: argparse.Namespace) -> int:
         0 after a clean shutdown. Config problems raise ``ConfigError`` (exit 2), load
         failures ``CoeError`` (exit 1).
     """
-    import uvicorn
-
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.getLogger("coe").setLevel(level)
     cfg = load_config(args.config)
@@ -185,36 +208,13 @@ def serve_command(args: argparse.Namespace) -> int:
     say(f"loaded and validated in {time.perf_counter() - t0:.1f} s")
     app = create_app(cfg, pipeline=pipeline)
 
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                port = args.port
-                for server in getattr(self, "servers", []):
-                    for sock in server.sockets or []:
-                        port = sock.getsockname()[1]
-                        break
-                print(ready_message(args.host, port, pipeline), flush=True)
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.draining = True
-            super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # uvicorn re-raises the signal after its graceful shutdown, which would kill the
-            # process before the engine is shut down; we shut down and exit 0 instead.
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
-
-    server = _Server(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
-        timeout_graceful_shutdown=int(max(1, cfg.serving.shutdown_grace_s)), access_log=level <= logging.DEBUG,
-    ))
+    server = DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=str(args.log_level).lower(),
+                       timeout_graceful_shutdown=int(max(1, cfg.serving.shutdown_grace_s)),
+                       access_log=level <= logging.DEBUG),
+        app=app, grace_s=cfg.serving.shutdown_grace_s,
+        on_ready=lambda port: print(ready_message(args.host, port, pipeline), flush=True),
+    )
     try:
         server.run()
     finally:
@@ -222,3 +222,90 @@ def serve_command(args: argparse.Namespace) -> int:
     if not server.started:
         raise CoeError(f"could not start the server on {args.host}:{args.port} (see the log above; is the port in use?)")
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain phase on SIGTERM/SIGINT.
+
+    The first signal marks the app as draining: the port stays open, new ``/v1`` requests get a
+    503 with ``Retry-After`` (``draining_guard``) and ``/ready`` answers 503, while in-flight
+    generations run on. Once none is left, or ``grace_s`` has passed, the server stops; requests
+    still running at the deadline are failed by stopping the pipeline first, so their clients get
+    an error (status or SSE event) instead of a cut connection. A second signal stops at once.
+    uvicorn's own handling would close the listening socket at the first signal, so new requests
+    would see "connection refused" instead of a 503, and it re-raises the signal after shutdown,
+    killing the process before the engine stops.
+
+    Args:
+        config: the uvicorn config (its ``app`` is ``app``).
+        app: the Litestar app (its ``state`` has ``draining``, ``metrics`` and ``pipeline``).
+        grace_s: seconds in-flight requests get after the first signal.
+        on_ready: called with the bound port once the server listens.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, app: Litestar, grace_s: float,
+                 on_ready: Any = None) -> None:
+        super().__init__(config)
+        self.app_state = app.state
+        self.grace_s = max(0.0, float(grace_s))
+        self.on_ready = on_ready
+        self.drain_started: float | None = None
+        self._engine_stopped: float | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_ready is not None:
+            port = self.config.port
+            for server in getattr(self, "servers", []):
+                for sock in server.sockets or []:
+                    port = sock.getsockname()[1]
+                    break
+            self.on_ready(port)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+            self.app_state.draining = True
+            logger.warning("received %s: draining (new requests get 503; in-flight ones have %g s to finish)",
+                           _signal_name(sig), self.grace_s)
+            return
+        super().handle_exit(sig, frame)
+
+    def in_flight(self) -> int:
+        metrics = self.app_state.get("metrics")
+        return int(metrics.in_flight) if metrics is not None else 0
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            now = time.monotonic()
+            if self.in_flight() <= 0:
+                self.should_exit = True
+            elif self._engine_stopped is None and now - self.drain_started >= self.grace_s:
+                logger.warning("%d request(s) still running after the %g s grace period; stopping them",
+                               self.in_flight(), self.grace_s)
+                self._engine_stopped = now
+                pipeline = self.app_state.get("pipeline")
+                if pipeline is not None:
+                    await anyio.to_thread.run_sync(pipeline.shutdown, 0.0)
+            elif self._engine_stopped is not None and now - self._engine_stopped > 2.0:
+                self.should_exit = True  # their error events had time to go out
+        return await super().on_tick(counter)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals can only be handled on the main thread (tests run servers in threads)
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

@@ -136,8 +136,12 @@ def _http_message(exc: HTTPException) -> tuple[str, str | None]:
                 key = item.get("key")
                 msg = str(item.get("message", "")).strip()
                 if key == "data":  # Litestar's name for the whole body: name the field instead
-                    named = re.search(r"`([^`]+)`", msg)
+                    named = re.search(r"field `([^`]+)`", msg)
                     key = named.group(1) if named else None
+                    if msg == "'data'":  # no body at all
+                        msg = "it is empty; send a JSON object"
+                    elif msg.startswith("Expected `object`"):
+                        msg = "it must be a JSON object" + msg.removeprefix("Expected `object`")
                 param = param or (str(key) if key else None)
                 parts.append(f"{key}: {msg}" if key and key not in msg else msg)
             else:

@@ -116,8 +116,9 @@ class _GenerationBody(_Body):
                 continue
             value = getattr(self, name)
             if value not in allowed:
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:75] + "..."
                 raise InvalidRequest(
-                    f"{name}={value!r} is not supported by coe; remove it"
+                    f"{name}={shown} is not supported by coe; remove it"
                     + (" (n > 1: send separate requests)" if name == "n" else ""),
                     param=name,
                 )
