@@ -34,7 +34,7 @@ def lazy(tiny):
     """A server whose experts' adapters are registered but not read (``preload: []``), each on its
     own copy of the ``sql`` adapter, plus one expert on a hub id that does not exist."""
     root = tiny.config_path.parent / "faults"
-    dirs = {name: copy_adapter(tiny.adapters["sql"], root / name) for name in ("good", "gone", "garbled", "half")}
+    dirs = {name: copy_adapter(tiny.adapters["sql"], root / name) for name in ("good", "gone", "garbled", "half", "badconfig", "nan")}
     experts = [{"name": "general", "description": "fallback"}]
     experts += [{"name": name, "description": name, "adapter": str(d)} for name, d in dirs.items()]
     experts.append({"name": "hub", "description": "not on any hub", "adapter": HUB_ID})
@@ -52,10 +52,19 @@ def test_adapters_broken_after_startup_fail_only_their_own_requests(lazy, tiny):
     (dirs["garbled"] / WEIGHTS).write_bytes(os.urandom(4096))
     data = (dirs["half"] / WEIGHTS).read_bytes()
     (dirs["half"] / WEIGHTS).write_bytes(data[: len(data) // 2])  # a copy interrupted halfway
+    config = (dirs["badconfig"] / "adapter_config.json").read_text()
+    (dirs["badconfig"] / "adapter_config.json").write_text(config[: len(config) // 2])
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(dirs["nan"] / WEIGHTS))
+    first = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first][0, 0] = float("nan")  # bit rot in one weight
+    save_file(tensors, str(dirs["nan"] / WEIGHTS))
     reference = server.answer("good", TEXT, max_tokens=12)
 
     why = {"gone": "does not exist", "garbled": "not a readable safetensors file",
-           "half": "not a readable safetensors file"}
+           "half": "not a readable safetensors file", "badconfig": "adapter_config.json is not valid JSON",
+           "nan": "contain NaN or inf"}
     with ThreadPoolExecutor(8) as pool:
         broken = {name: pool.submit(server.chat, name, TEXT, max_tokens=12) for name in why}
         healthy = [pool.submit(server.chat, "good", TEXT, max_tokens=12) for _ in range(4)]
