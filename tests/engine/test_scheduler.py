@@ -211,3 +211,87 @@ def test_shutdown_lets_in_flight_finish_then_refuses(engine_factory):
     assert isinstance(list(s)[-1], GenerationOutput)
     t.join(10)
     assert not engine.scheduler.alive
+
+
+def test_cold_load_runs_off_the_decode_thread(engine_factory, two_adapters, adapter_factory, monkeypatch):
+    """A slow cold load (0.6 s here) must not stall running streams: they get tokens meanwhile."""
+    engine = engine_factory(max_batch=4)
+    engine.load_adapter("a", two_adapters["a"])
+    want = engine.generate(PROMPTS[0], adapter="a", max_tokens=200, ignore_eos=True).token_ids
+    engine.registry.register("slow", str(adapter_factory("slow", r=4, targets="all-linear", seed=71)))
+    real_read = engine.registry.read
+    window = {}
+
+    def slow_read(name, source):
+        window["start"] = time.monotonic()
+        time.sleep(0.6)
+        out = real_read(name, source)
+        window["end"] = time.monotonic()
+        return out
+
+    monkeypatch.setattr(engine.registry, "read", slow_read)
+    arrivals = []
+    running = engine.stream(PROMPTS[0], adapter="a", max_tokens=200, ignore_eos=True)
+    next(running)
+    cold = engine.stream(PROMPTS[1], adapter="slow", max_tokens=4)
+    got = []
+    for item in running:
+        arrivals.append(time.monotonic())
+        if isinstance(item, GenerationOutput):
+            got = item.token_ids
+    assert isinstance(list(cold)[-1], GenerationOutput)
+    assert got == want
+    assert "start" in window, "the cold adapter was not read through the registry"
+    during = [t for t in arrivals if window["start"] < t < window["end"]]
+    assert len(during) >= 5, f"only {len(during)} tokens arrived during a 0.6 s cold load"
+
+
+def test_a_busy_adapter_cannot_starve_another(engine_factory, adapter_factory):
+    """One device slot, two KV slots; three workers keep adapter p busy (each resubmits as soon as
+    its request ends, so p always has a request running and one waiting). A request on q still
+    runs while p's requests keep arriving (p is drained for it), p is served again afterwards,
+    and the waits are reported per adapter. Without the rotation q would wait forever."""
+    engine = engine_factory(max_loras=1, max_batch=2, max_queue=64)
+    engine.load_adapter("p", adapter_factory("p", r=4, targets="all-linear", seed=80))
+    engine.load_adapter("q", adapter_factory("q", r=4, targets="all-linear", seed=81))
+    q_alone = engine.generate(PROMPTS[1], adapter="q", max_tokens=6).token_ids
+    p_alone = engine.generate(PROMPTS[0], adapter="p", max_tokens=12, ignore_eos=True).token_ids
+    stop = threading.Event()
+    p_done: list[tuple[float, list[int]]] = []
+
+    def worker():
+        while not stop.is_set():
+            out = engine.generate(PROMPTS[0], adapter="p", max_tokens=12, ignore_eos=True)
+            p_done.append((time.monotonic(), out.token_ids))
+
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        while len(p_done) < 3:  # p owns the only adapter slot and is in use
+            time.sleep(0.005)
+        out = engine.generate(PROMPTS[1], adapter="q", max_tokens=6, timeout=30)
+        q_end = time.monotonic()
+        while not any(t > q_end for t, _ in p_done):  # p comes back after q
+            assert all(w.is_alive() for w in workers)
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    assert out.token_ids == q_alone
+    assert all(ids == p_alone for _, ids in p_done)
+    waits = engine.stats()["max_queue_wait_s"]
+    assert waits["q"] > 0 and waits["p"] > 0
+
+
+def test_stream_with_stop_string_never_sends_the_stop_text(engine_factory):
+    engine = engine_factory()
+    full = engine.generate(PROMPTS[0], max_tokens=30).text
+    assert len(full) > 8
+    stop = full[4:7]
+    items = list(engine.stream(PROMPTS[0], max_tokens=30, stop=stop))
+    final = items[-1]
+    sent = "".join(d.text for d in items[:-1])
+    assert final.finish_reason == "stop"
+    assert sent == final.text == full[: full.find(stop)]
