@@ -3,7 +3,8 @@
 Same model (default: the embedded SmolLM2-135M-Instruct, fp32), same random r=16 all-linear
 adapters (8 of them), greedy decoding past EOS, ~40-token prompts, 64 new tokens. Every number
 is a median over repeats, and every comparison is a ratio against a baseline measured in the
-same run, because the machine may be shared. Keys written to ``--json`` (goals from issue 6):
+same run, in alternating turns (engine, PEFT, engine, ...), because the machine may be shared:
+each ratio is taken per round, then the median over rounds (``round_seconds`` has the raw times). Keys written to ``--json`` (goals from issue 6):
 
 - ``single_stream_tok_s`` / ``peft_single_stream_tok_s`` / ``single_stream_speedup`` (>= 2.5):
   one request on one adapter (``*_base_*``: the same on the base model);
@@ -16,8 +17,9 @@ same run, because the machine may be shared. Keys written to ``--json`` (goals f
 - ``cold_load_ms`` (< 100): reading an r=16 all-linear adapter from local disk into a slot;
 - ``itl_p99_during_load_ratio`` (< 2): running streams' p99 inter-token latency while a cold
   adapter loads, over their median;
-- ``peak_rss_mb``: the process's peak resident memory after the engine's runs (before the
-  transformers baseline is loaded); ``peak_rss_total_mb`` after everything.
+- ``peak_rss_mb``: the process's peak resident memory after the engine's warm-up and engine-only
+  runs (before the transformers baseline is loaded); ``peak_rss_total_mb`` after everything.
+  ``peft_single_stream_base_tok_s`` is plain transformers (no PEFT wrapper) on the base model.
 
 This module is a program that prints numbers; nothing here asserts on timings.
 """
@@ -93,17 +95,6 @@ def _make_adapters(args: Any, root: Path, n: int, base_name: str, seed: int = 0)
 
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
-
-
-def _timed(fn: Any, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one untimed warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _median(times)
 
 
 # --------------------------------------------------------------------------- engine side
@@ -197,9 +188,31 @@ def _peft_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
 # --------------------------------------------------------------------------- main
 
 
+def _interleaved(cases: dict[str, Any], repeats: int, log: Any) -> dict[str, list[float]]:
+    """Wall seconds of every case, ``repeats`` rounds, the cases taking turns within each round.
+
+    Why interleaved: on a shared machine the load changes from minute to minute; timing the engine
+    and transformers+PEFT in alternation puts each ratio's two sides under the same load (ratios
+    are taken per round, then the median over rounds).
+    """
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(repeats):
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    return times
+
+
 def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, device: str = "cpu", batch: int = 16,
         repeats: int = 3, skip_peft: bool = False, log: Any = print) -> dict[str, Any]:
-    """Run every measurement and return the result dict (see the module docstring for the keys)."""
+    """Run every measurement and return the result dict (see the module docstring for the keys).
+
+    Order: engine warm-up of every case, the engine-only measurements (adapter switch, cold load,
+    ITL during a load), ``peak_rss_mb``; then transformers+PEFT is loaded and the throughput cases
+    of both run interleaved (:func:`_interleaved`).
+    """
     from coe.engine import Engine
 
     torch.set_num_threads(threads)
@@ -223,53 +236,73 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     mixed = [names[i % NUM_ADAPTERS] for i in range(batch)]
     total = batch * new_tokens
 
-    log(f"engine: {engine.model_id}, {threads} threads; measuring ({repeats} repeats each)...")
-    s = _timed(lambda: engine.generate(prompts[0], adapter=names[0], max_tokens=new_tokens, ignore_eos=True), repeats)
-    res["single_stream_tok_s"] = new_tokens / s
-    s = _timed(lambda: engine.generate(prompts[0], adapter=None, max_tokens=new_tokens, ignore_eos=True), repeats)
-    res["single_stream_base_tok_s"] = new_tokens / s
-    s = _timed(lambda: _engine_concurrent(engine, prompts, mixed, new_tokens), repeats)
-    res["mixed16_tok_s"] = total / s
-    s = _timed(lambda: _engine_concurrent(engine, prompts, [names[0]] * batch, new_tokens), repeats)
-    res["uniform16_tok_s"] = total / s
-    s = _timed(lambda: _engine_concurrent(engine, prompts, [None] * batch, new_tokens), repeats)
-    res["base16_tok_s"] = total / s
-    res["heterogeneity_ratio"] = res["mixed16_tok_s"] / res["uniform16_tok_s"]
-    res["lora_vs_base_ratio"] = res["uniform16_tok_s"] / res["base16_tok_s"]
+    cases: dict[str, Any] = {
+        "single": lambda: engine.generate(prompts[0], adapter=names[0], max_tokens=new_tokens, ignore_eos=True),
+        "single_base": lambda: engine.generate(prompts[0], adapter=None, max_tokens=new_tokens, ignore_eos=True),
+        "mixed16": lambda: _engine_concurrent(engine, prompts, mixed, new_tokens),
+        "uniform16": lambda: _engine_concurrent(engine, prompts, [names[0]] * batch, new_tokens),
+        "base16": lambda: _engine_concurrent(engine, prompts, [None] * batch, new_tokens),
+    }
+    log(f"engine: {engine.model_id}, {threads} threads; warm-up and engine-only measurements...")
+    for fn in cases.values():
+        fn()
     res["adapter_switch_ms"] = _switch_ms(engine, prompts[1], names, max(5, 4 * repeats))
     res["cold_load_ms"] = _cold_load_ms(engine, paths[-1], max(3, repeats))
     # Streams on half of the adapters (two each), so the cold adapter finds a free slot: this
     # measures the load itself, not a wait for a slot.
     n_itl = max(2, batch // 2)
     itl_names = [names[i % max(1, NUM_ADAPTERS // 2)] for i in range(n_itl)]
-    itl = _itl_during_load(engine, prompts[:n_itl], itl_names, paths[-1], new_tokens)
-    res.update(itl)
-    res["engine_stats"] = {k: v for k, v in engine.stats().items() if k in ("steps_total", "tokens_total", "kv_cache_reserved_bytes", "weight_bytes")}
-    res["peak_rss_mb"] = _rss_mb()
-    engine.shutdown()
-    del engine
+    res.update(_itl_during_load(engine, prompts[:n_itl], itl_names, paths[-1], new_tokens))
+    res["peak_rss_mb"] = _rss_mb()  # the engine alone: transformers is not loaded yet
 
     if not skip_peft:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        log("transformers+PEFT baseline...")
+        log("loading transformers+PEFT...")
         hf = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(files.path))
-        s = _timed(lambda: _peft_generate(hf, tok, prompts[:1], new_tokens, None), repeats)
-        res["peft_single_stream_base_tok_s"] = new_tokens / s
+        plain = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
         pm = PeftModel.from_pretrained(hf, str(paths[0]), adapter_name=names[0])
         for n, p in zip(names[1:], paths[1:]):
             pm.load_adapter(str(p), adapter_name=n)
         pm.eval()
         pm.set_adapter(names[0])
-        s = _timed(lambda: _peft_generate(pm, tok, prompts[:1], new_tokens, None), repeats)
-        res["peft_single_stream_tok_s"] = new_tokens / s
-        s = _timed(lambda: _peft_generate(pm, tok, prompts, new_tokens, mixed), repeats)
-        res["peft_mixed16_tok_s"] = total / s
-        res["single_stream_speedup"] = res["single_stream_tok_s"] / res["peft_single_stream_tok_s"]
-        res["single_stream_base_speedup"] = res["single_stream_base_tok_s"] / res["peft_single_stream_base_tok_s"]
-        res["mixed16_speedup"] = res["mixed16_tok_s"] / res["peft_mixed16_tok_s"]
+        peft_cases = {
+            "peft_single": lambda: _peft_generate(pm, tok, prompts[:1], new_tokens, None),
+            "peft_single_base": lambda: _peft_generate(plain, tok, prompts[:1], new_tokens, None),
+            "peft_mixed16": lambda: _peft_generate(pm, tok, prompts, new_tokens, mixed),
+        }
+        for fn in peft_cases.values():
+            fn()
+        order = ["single", "peft_single", "single_base", "peft_single_base", "mixed16", "peft_mixed16", "uniform16", "base16"]
+        cases.update(peft_cases)
+        cases = {k: cases[k] for k in order}
+    log(f"timing {len(cases)} cases, {repeats} interleaved rounds...")
+    times = _interleaved(cases, repeats, log)
+    tokens = {"single": new_tokens, "single_base": new_tokens, "peft_single": new_tokens, "peft_single_base": new_tokens}
+    rate = {k: (tokens.get(k, total)) / _median(v) for k, v in times.items()}
+    res["single_stream_tok_s"] = rate["single"]
+    res["single_stream_base_tok_s"] = rate["single_base"]
+    res["mixed16_tok_s"] = rate["mixed16"]
+    res["uniform16_tok_s"] = rate["uniform16"]
+    res["base16_tok_s"] = rate["base16"]
+
+    def ratio(num: str, den: str) -> float:  # a ratio of rates = den's time / num's time, per round
+        return _median([d / n for n, d in zip(times[num], times[den])])
+
+    res["heterogeneity_ratio"] = ratio("mixed16", "uniform16")
+    res["lora_vs_base_ratio"] = ratio("uniform16", "base16")
+    if not skip_peft:
+        res["peft_single_stream_tok_s"] = rate["peft_single"]
+        res["peft_single_stream_base_tok_s"] = rate["peft_single_base"]
+        res["peft_mixed16_tok_s"] = rate["peft_mixed16"]
+        res["single_stream_speedup"] = ratio("single", "peft_single")
+        res["single_stream_base_speedup"] = ratio("single_base", "peft_single_base")
+        res["mixed16_speedup"] = ratio("mixed16", "peft_mixed16")
+    res["round_seconds"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
+    res["engine_stats"] = {k: v for k, v in engine.stats().items() if k in ("steps_total", "tokens_total", "kv_cache_reserved_bytes", "weight_bytes")}
+    engine.shutdown()
     res["peak_rss_total_mb"] = _rss_mb()
     import shutil
 
