@@ -164,10 +164,13 @@ class LogRegRouter(EmbeddingRouter):
     kind = "logreg"
 
     def _fit_head(self, emb: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        return self._fit_logreg(emb, y)
+
+    def _fit_logreg(self, emb: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
         from sklearn.linear_model import LogisticRegression
 
         clf = LogisticRegression(C=self.training.logreg_c, max_iter=2000, random_state=self.seed)
-        clf.fit(emb, y)
+        clf.fit(emb, y, sample_weight=sample_weight)
         if list(clf.classes_) != list(range(len(self.classes))):
             raise AssertionError(f"logreg head classes {clf.classes_} are not 0..{len(self.classes) - 1}")
         coef, intercept = clf.coef_, clf.intercept_

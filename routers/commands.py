@@ -26,7 +26,7 @@ def train_router(args: argparse.Namespace) -> int:
     if cfg.router.type == "none":
         raise ConfigError(
             f"router.type: {args.config} sets `none` (rules and fallback only), so there is no router to train; "
-            "set router.type to setfit, centroid, logreg or knn",
+            "set router.type to contrastive, setfit, centroid, logreg or knn",
             param="router.type",
         )
     extra = [row for path in (args.data or []) for row in read_rows(path, cfg)]

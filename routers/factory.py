@@ -1,6 +1,6 @@
 """Build, train, save and load routers from a ``CoeConfig``.
 
-- ``make_router(kind, config, seed)``: an untrained router of a kind (``setfit``,
+- ``make_router(kind, config, seed)``: an untrained router of a kind (``contrastive``, ``setfit``,
   ``centroid``, ``logreg``, ``knn``), parameterized by ``config.router`` (body, training).
 - ``training_rows(config, extra_rows)``: the rows a router learns from.
 - ``train_router(config, ...)``: make, fit, save (atomically) to ``router.path``.
@@ -28,25 +28,28 @@ from coe.config import CoeConfig
 from coe.errors import ConfigError, RouterError
 from routers.base import INFO_FILE, Router, RouterInfo, read_info
 from routers.baselines import CentroidRouter, KnnRouter, LogRegRouter
+from routers.contrastive_router import ContrastiveRouter
 from routers.embeddings import body_spec
 from routers.setfit_router import SetFitRouter
 
 logger = logging.getLogger(__name__)
 
 ROUTER_CLASSES: dict[str, Any] = {
+    "contrastive": ContrastiveRouter,
     "setfit": SetFitRouter,
     "centroid": CentroidRouter,
     "logreg": LogRegRouter,
     "knn": KnnRouter,
 }
-"""Router kind -> class with ``(body, training, seed)`` constructor and a ``load(path, info)`` classmethod."""
+"""Router kind -> class with ``(body, training, seed)`` constructor and a ``load(path, info)`` classmethod.
+Classes that learn from the fallback's rows differently (``contrastive``) also take ``fallback``."""
 
 
 def make_router(kind: str, config: CoeConfig, seed: int | None = None) -> Router:
     """An untrained router of ``kind``, set up from ``config.router`` (body, training).
 
     Args:
-        kind: ``setfit``, ``centroid``, ``logreg`` or ``knn``.
+        kind: ``contrastive``, ``setfit``, ``centroid``, ``logreg`` or ``knn``.
         config: the loaded config.
         seed: training seed (default: ``router.seed``).
 
@@ -66,7 +69,8 @@ def make_router(kind: str, config: CoeConfig, seed: int | None = None) -> Router
             + (" (`none` means rules and fallback only: there is nothing to train)" if kind == "none" else ""),
             param="router.type",
         )
-    return cls(body=body_spec(config), training=config.router.training, seed=config.router.seed if seed is None else seed)
+    extra = {"fallback": config.router.fallback} if cls is ContrastiveRouter else {}
+    return cls(body=body_spec(config), training=config.router.training, seed=config.router.seed if seed is None else seed, **extra)
 
 
 def training_rows(config: CoeConfig, extra_rows: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:

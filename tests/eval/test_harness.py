@@ -110,8 +110,8 @@ def test_read_rows_errors_name_file_line_and_value(tmp_path):
 
 def test_training_overrides_replace_fields_and_reject_typos():
     cfg = config_from_dict(CFG)
-    out = harness.with_training_overrides(cfg, ["logreg_c=30", "use_topics=false"])
-    assert out.router.training.logreg_c == 30.0 and out.router.training.use_topics is False
+    out = harness.with_training_overrides(cfg, ["logreg_c=10", "use_topics=false"])
+    assert out.router.training.logreg_c == 10.0 and out.router.training.use_topics is False
     assert out.router.training.knn_k == cfg.router.training.knn_k
     assert harness.with_training_overrides(cfg, []) is cfg
     with pytest.raises(ConfigError, match="did you mean 'logreg_c'"):

@@ -23,7 +23,7 @@ def test_make_router_kinds():
     assert isinstance(make_router("centroid", cfg), CentroidRouter)
     assert isinstance(make_router("logreg", cfg, seed=5), LogRegRouter)
     assert make_router("logreg", cfg, seed=5).seed == 5 and make_router("knn", cfg).seed == 7
-    with pytest.raises(ConfigError, match="'nope' is not a learned router; expected one of setfit, centroid"):
+    with pytest.raises(ConfigError, match="'nope' is not a learned router; expected one of contrastive, setfit, centroid"):
         make_router("nope", cfg)
     with pytest.raises(ConfigError, match="nothing to train"):
         make_router("none", cfg)
