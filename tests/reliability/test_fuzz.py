@@ -15,6 +15,7 @@ import json
 import os
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -133,6 +134,7 @@ def _check(status: int, body: bytes, streamed: bool) -> None:
     assert events and events[-1] == "[DONE]", body[-300:]
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_5xx(real):
     reference = real.answer("json", "hello there", max_tokens=8)
     sent: list[tuple[str, int]] = []

@@ -64,6 +64,7 @@ def wide(tmp_path_factory):
     return path, sources
 
 
+@pytest.mark.slow
 def test_load_unload_100_adapters_leaks_nothing(wide):
     path, sources = wide
     with serve(path) as server:
