@@ -59,10 +59,14 @@ class EmbeddingRouter:
     def experts(self) -> tuple[str, ...]:
         return self.info.experts
 
+    @property
+    def encoder(self):
+        """The sentence-transformers model that routing encodes with (the shared frozen body)."""
+        return shared_body(self.body, self.training.max_length, self.training.quantize)
+
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Normalized embeddings ``[n, dim]`` from the shared frozen body."""
-        body = shared_body(self.body, self.training.max_length, self.training.quantize)
-        emb = encode(body, texts, show_progress=show_progress)
+        emb = encode(self.encoder, texts, show_progress=show_progress)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], topics: Sequence[str | None] | None = None) -> "EmbeddingRouter":

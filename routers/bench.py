@@ -3,7 +3,8 @@
 A program that prints numbers, never a test. It loads the trained router of the config
 (training it first if none is saved, as ``coe serve`` does) and measures, in one run:
 
-- ``embed``: the body's forward pass for one message: the floor any router pays;
+- ``tokenize``: the tokenizer alone, for one message (its share of ``embed``);
+- ``embed``: tokenize + the body's forward pass for one message: the floor any router pays;
 - ``predict_proba``: the router (embed + head + column mapping);
 - ``decide``: the whole decision chain for one message (rules + router + thresholds);
 - ``setfit_predict_proba``: SetFit's own ``SetFitModel.predict_proba`` (SetFit routers only),
@@ -86,6 +87,10 @@ def run(chain: Any, repeats: int = 200, batch_sizes: Sequence[int] = (1, 8, 32, 
     for t in texts[:4]:  # warm-up: first calls pay allocator and kernel selection costs
         chain.decide(RouteContext(text=t))
     stages: dict[str, Callable[[str], Any]] = {}
+    encoder = getattr(router, "encoder", None)
+    if encoder is not None:
+        # The tokenizer alone (sentence-transformers' preprocess: what `embed` runs before the forward pass).
+        stages["tokenize"] = lambda t: encoder.preprocess([t])
     if hasattr(router, "embed"):
         stages["embed"] = lambda t: router.embed([t])
     stages["predict_proba"] = lambda t: router.predict_proba([t])

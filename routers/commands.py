@@ -19,9 +19,16 @@ from coe.types import RouteContext
 
 
 def train_router(args: argparse.Namespace) -> int:
-    """``coe train-router [--config CFG] [--data X.jsonl ...] [--out DIR] [--seed N]``."""
+    """``coe train-router [--config CFG] [--data X.jsonl ...] [--out DIR] [--seed N] [--threads N]``."""
     from routers.factory import read_rows, train_router as train, training_rows
 
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads: {threads} is not a thread count; expected an integer >= 1", param="threads")
+        import torch
+
+        torch.set_num_threads(threads)
     cfg = load_config(args.config)
     if cfg.router.type == "none":
         raise ConfigError(

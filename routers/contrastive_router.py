@@ -77,11 +77,16 @@ class ContrastiveRouter(LogRegRouter):
             temperature=t.finetune_temperature,
         )
 
-    def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
-        """Normalized embeddings ``[n, dim]`` from the tuned body (int8 copy if configured)."""
+    @property
+    def encoder(self) -> Any:
+        """The sentence-transformers model that routing encodes with (the tuned body or its int8 copy)."""
         if self._infer is None:
             raise RouterError("contrastive router: not trained; call fit() or load a saved router")
-        emb = encode(self._infer, texts, show_progress=show_progress)
+        return self._infer
+
+    def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        """Normalized embeddings ``[n, dim]`` from the tuned body (int8 copy if configured)."""
+        emb = encode(self.encoder, texts, show_progress=show_progress)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], topics: Sequence[str | None] | None = None) -> "ContrastiveRouter":

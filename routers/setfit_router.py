@@ -178,10 +178,16 @@ class SetFitRouter:
         with torch.inference_mode():
             return head.predict_proba(torch.from_numpy(embeddings)).double().numpy()
 
+    @property
+    def encoder(self) -> Any:
+        """The sentence-transformers model that routing encodes with (the tuned body or its int8 copy)."""
+        if self.model is None:
+            raise RouterError("setfit router: not trained; call fit() or load a saved router")
+        return self._int8_body if self._int8_body is not None else self.model.model_body
+
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """The tuned body's embeddings of ``texts`` (what the head sees)."""
-        body = self._int8_body if self._int8_body is not None else self.model.model_body
-        emb = encode(body, texts, show_progress=show_progress)
+        emb = encode(self.encoder, texts, show_progress=show_progress)
         if self.model.normalize_embeddings:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
