@@ -45,6 +45,8 @@ def _add_train_router(sub: argparse._SubParsersAction) -> None:
                    help='extra training rows {"text", "label", optional "topic"} (repeatable)')
     p.add_argument("--out", default=None, metavar="DIR", help="where to save (default: router.path of the config)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: router.seed of the config)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's own; 1 is faster on a busy machine)")
     p.set_defaults(func=_target("routers.commands:train_router"))
 
 
