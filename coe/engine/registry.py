@@ -264,6 +264,8 @@ class AdapterRegistry:
                     Bt.zero_()
                     Bt[:r].copy_(pbt)
                 scale[:, slot] = ps
+                if stack.folded:  # see LoRAStack: the scaling lives in A's slice rows
+                    A.view(len(stack.output_slices), stack.rank, stack.d_in).mul_(ps.to(A.dtype).view(-1, 1, 1))
 
     def pin(self, name: str) -> "_Entry":
         """Count a running sequence on a resident adapter.
