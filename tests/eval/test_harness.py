@@ -73,7 +73,7 @@ def test_run_writes_all_report_files_with_known_numbers(tmp_path):
     assert r["per_expert"]["sql"]["support"] == 2
     assert r["confusion"]["labels"] == ["sql", "math", "general"]
     assert sum(map(sum, r["confusion"]["matrix"])) == 6
-    assert r["latency_ms"]["p50"] > 0 and r["throughput_msgs_per_s"] > 0 and r["train_seconds"] >= 0
+    assert r["latency_ms"]["p50"] > 0 and r["throughput_msgs_per_s"] > 0 and r["train_seconds"] >= 0 and r["train_cpu_seconds"] >= 0
     assert len(r["sweep"]["threshold"]) == 101
     md = (tmp_path / "report.md").read_text()
     assert "| keyword |" in md and "greeting" in md
