@@ -3,9 +3,9 @@
 ``python -m eval.serve_start [--cmd "make serve PORT=8011"] [--cwd DIR] [--timeout 1800] [--json OUT]``
 
 Runs the command in its own process group, echoes its output, stops the clock at the first
-line starting with ``coe serve: ready``, checks ``GET /ready`` answers 200 on the printed URL,
-then sends SIGINT to the group (coe drains and exits) and prints one JSON object with the
-seconds to ready. Run it twice in a row to measure a cold and a warm ``make serve``.
+line starting with ``coe serve: ready`` (recording the CPU seconds the process tree used so
+far), checks ``GET /ready`` answers 200 on the printed URL, then sends SIGINT to the group
+(coe drains and exits) and prints one JSON object with the seconds to ready. Run it twice in a row to measure a cold and a warm ``make serve``.
 
 This is a benchmark program (it prints numbers); it knows nothing about coe's internals.
 """
@@ -47,7 +47,7 @@ def time_start(cmd: str, cwd: str | None = None, timeout_s: float = 1800.0, echo
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    url, seen, ready_at = None, [], None
+    url, seen, ready_at, cpu_s = None, [], None, None
     try:
         while url is None and time.perf_counter() - t0 < timeout_s:
             try:
@@ -62,6 +62,7 @@ def time_start(cmd: str, cwd: str | None = None, timeout_s: float = 1800.0, echo
             m = READY.match(line)
             if m:
                 ready_at, url = time.perf_counter() - t0, m.group(1)
+                cpu_s = _tree_cpu_seconds(proc.pid)
         if url is None:
             raise RuntimeError(f"`{cmd}` printed no ready line within {timeout_s:.0f} s "
                                f"(exit code {proc.poll()}); last output:\n{''.join(seen[-20:])}")
@@ -87,8 +88,31 @@ def time_start(cmd: str, cwd: str | None = None, timeout_s: float = 1800.0, echo
                 proc.wait()
     ready_idx = next(i for i, ln in enumerate(seen) if READY.match(ln))
     return {"command": cmd, "cwd": str(Path(cwd or ".").resolve()), "seconds_to_ready": round(ready_at, 1),
+            "cpu_seconds_to_ready": cpu_s,
             "url": url, "ready_status": status, "ready_lines": [ln.rstrip("\n") for ln in seen[ready_idx:] if ln.startswith(("coe serve: ready", "  "))],
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _tree_cpu_seconds(pid: int) -> float | None:
+    """User+system CPU seconds of ``pid`` and its descendants (finished ones included).
+
+    Start-up is mostly single-threaded imports and file reads, so on a quiet machine its wall
+    time is close to this number; on a shared machine it is the load-independent figure.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return round(total, 1)
+    except psutil.Error:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
