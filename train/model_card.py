@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 
+_GENERATORS = {"peft": "transformers+PEFT", "coe": "coe's engine"}
+
+
 def _fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
 
@@ -50,7 +53,7 @@ def render(adapter_dir: str | Path) -> str:
     if scores_path.is_file():
         s = json.loads(scores_path.read_text())
         lines += [
-            f"Greedy decoding with transformers+PEFT, same chat formatting, max {s['max_new_tokens']} new tokens, "
+            f"Greedy decoding with {_GENERATORS.get(s.get('backend', 'peft'), s.get('backend'))}, same chat formatting, max {s['max_new_tokens']} new tokens, "
             f"{s['n']} prompts of `train.tasks.test_set({s['task']!r}, {s['n']}, seed={s['seed']})`, "
             f"checked by `train.tasks.check`.",
             "",
