@@ -67,14 +67,14 @@ def _add_eval_router(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", default=None, metavar="JSONL", help="validation rows, used to calibrate the threshold")
     p.add_argument("--test", default=None, metavar="JSONL", help="test rows")
     p.add_argument("--out", required=True, metavar="DIR", help="report directory")
-    p.add_argument("--router", default="setfit",
-                   help="setfit | centroid | logreg | knn, a comma-separated list of them, or all (default: setfit)")
+    p.add_argument("--router", default="contrastive",
+                   help="contrastive | setfit | centroid | logreg | knn, a comma-separated list of them, or all (default: contrastive)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: router.seed of the config)")
     p.add_argument("--benchmark", default=None, choices=["clinc150"], help="build a benchmark's files and config, then run")
     p.add_argument("--shots", type=int, default=4, help="benchmark examples per intent (default: 4)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="benchmark source data (default: ../shared/data/<name>)")
-    p.add_argument("--oos-train", type=int, default=0, metavar="N",
-                   help="benchmark: oos_train rows added as examples of the fallback expert (default: 0)")
+    p.add_argument("--oos-train", type=int, default=100, metavar="N",
+                   help="benchmark: oos_train rows added as examples of the fallback expert (default: 100)")
     p.add_argument("--min-acceptance", type=float, default=0.95, metavar="A",
                    help="threshold calibration on --val: the highest threshold keeping this share of in-scope "
                         "rows routed to an expert (default: 0.95)")

@@ -57,7 +57,7 @@ def build_clinc150(
     shots: int = 4,
     seed: int = 42,
     oos_train: int = 0,
-    router_type: str = "setfit",
+    router_type: str = "contrastive",
 ) -> Clinc150Files:
     """Write the CLINC150 routing benchmark's data and config.
 

@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
 
         seed = 42 if args.seed is None else args.seed
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-        kind = "setfit" if args.router == "all" else args.router.split(",")[0].strip()
+        kind = "contrastive" if args.router == "all" else args.router.split(",")[0].strip()
         files = build_clinc150(data_dir, out / "data", shots=args.shots, seed=seed, oos_train=args.oos_train, router_type=kind)
         args = argparse.Namespace(**{**vars(args), "config": str(files.config), "train": str(files.train), "val": str(files.val),
                                      "seed": seed})

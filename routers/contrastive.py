@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class ContrastiveSettings:
-    """How to fine-tune (the ``router.training`` fields of the same names, see ``coe.config``).
+    """How to fine-tune (``router.training.finetune_*`` set steps, batch size, learning rate, temperature).
 
     Args:
         steps: optimizer steps (one class-balanced batch each), at most.
