@@ -103,7 +103,7 @@ def measure(config: str, expert_name: str, adapter: str | None = None, task: str
 
     t0 = time.perf_counter()
     rows = test_set(task, n, seed)
-    result: dict = {"task": task, "expert": expert.name, "adapter": adapter_dir, "n": n, "seed": seed,
+    result: dict = {"task": task, "expert": expert.name, "adapter_dir": adapter_dir, "n": n, "seed": seed,
                     "max_new_tokens": max_new, "system_prompt": expert.system_prompt, "backend": backend}
     outs: dict[str, list[str]] = {}
     if backend == "coe":
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--update-card needs the base score too; drop --no-base")
         from train import model_card
 
-        (Path(result["adapter"]) / "scores.json").write_text(text + "\n")
-        model_card.write(result["adapter"])
+        (Path(result["adapter_dir"]) / "scores.json").write_text(text + "\n")
+        model_card.write(result["adapter_dir"])
     return 0
 
 
