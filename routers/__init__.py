@@ -1,4 +1,4 @@
-"""Routing: rules, the SetFit router and embedding baselines, and the decision chain.
+"""Routing: rules, the contrastive (default) and SetFit routers, embedding baselines, and the decision chain.
 
 Imports coe.config, coe.types and coe.errors only (never the engine). Heavy dependencies
 (SetFit, sentence-transformers, torch) are imported inside the router implementations when

@@ -16,8 +16,9 @@ process-CPU p50 (``cpu_p50_ms``: with ``--threads 1`` it approximates the wall t
 machine) and each stage's ratio to the ``embed`` floor measured in the same run; compare
 ratios, rerun when quiet.
 Run: ``coe bench router --config experts.yaml --json out.json [--threads 2] [--batch-sizes 1,8,32,128]``.
-To compare the float32 and int8 bodies, train a second router from a config with
-``router.training: {quantize: int8}`` and bench it with that ``--config`` and ``--router-path``.
+To compare the float32 and int8 bodies, train a second router from a copy of the config with
+the other ``router.training.quantize`` (the shipped ``experts.yaml`` uses ``int8``; the default is
+``none``) and another ``router.path``, and bench it with that ``--config``.
 """
 
 from __future__ import annotations
