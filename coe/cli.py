@@ -127,10 +127,12 @@ def _add_train_expert(sub: argparse._SubParsersAction) -> None:
 def _add_eval_e2e(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-e2e", help="end-to-end task success: base vs auto routing vs oracle expert")
     _config_arg(p)
-    p.add_argument("--test", default=None, metavar="JSONL", help="test prompts (default: the seeded held-out sets)")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--limit", type=int, default=None,
-                   help="prompts per task at most (default test set: rows per task, default 40)")
+    p.add_argument("--test", default=None, metavar="JSONL",
+                   help="test rows, e.g. from `python -m train.tasks --out FILE` (default: the seeded held-out sets "
+                        "plus chit-chat for the fallback expert)")
+    p.add_argument("--out", required=True, metavar="DIR", help="report directory (report.json, report.md, rows.jsonl)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="rows per task at most (default test set: N rows per task, default 40)")
     p.add_argument("--seed", type=int, default=None, help="seed of the default test set (default: 1234)")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="requests in flight at once (default: serving.max_batch)")
