@@ -177,7 +177,7 @@ def ready_message(host: str, port: int, pipeline: Pipeline) -> str:
         f"coe serve: ready on {base} (experts: {experts}; base model: {pipeline.base_id})\n"
         f"  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
         f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{'$COE_API_KEY' if auth else 'none'}'); "
-        f"r = c.chat.completions.create(model='auto', messages=[{{'role': 'user', 'content': 'hi'}}]); "
+        f"r = c.chat.completions.create(model='auto', messages=[{{'role': 'user', 'content': 'Extract name and city as JSON: Ana Silva lives in Porto.'}}]); "
         f"print(r.model_extra['coe'], r.choices[0].message.content)\""
     )
 
