@@ -95,7 +95,7 @@ def test_client_disconnects_free_their_slots(real, solo, monkeypatch):
     step = Scheduler._step
 
     def slow_step(self):  # long enough that every request is still running when its client leaves
-        time.sleep(0.01)
+        time.sleep(0.05)
         return step(self)
 
     monkeypatch.setattr(Scheduler, "_step", slow_step)

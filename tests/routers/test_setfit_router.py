@@ -168,7 +168,7 @@ def test_int8_router_refits_its_head_and_round_trips(tmp_path):
     # the head was fitted on the int8 embeddings: refitting on them changes nothing
     from sklearn.linear_model import LogisticRegression
 
-    ref = LogisticRegression(C=1.0, max_iter=1000, random_state=3).fit(r.embed(TEXTS).astype(np.float64), LABELS)
+    ref = LogisticRegression(C=cfg.router.training.logreg_c, max_iter=1000, random_state=3).fit(r.embed(TEXTS).astype(np.float64), LABELS)
     np.testing.assert_allclose(r.model.model_head.coef_, ref.coef_, atol=1e-6)
     r.save(str(tmp_path / "r"))
     loaded = load_router(tmp_path / "r", cfg)
