@@ -43,6 +43,18 @@ GENERAL = [
 ]
 
 
+# The training set every router test fits (experts in an order that is NOT sorted, so a head's
+# sorted classes_ differ from it), and messages none of them saw, with their experts.
+TEXTS = SQL + JSON + MATH + GENERAL
+LABELS = ["sql"] * len(SQL) + ["json"] * len(JSON) + ["math"] * len(MATH) + ["general"] * len(GENERAL)
+HELD_OUT = {
+    "Which customers placed more than ten orders? Use the orders table.": "sql",
+    "Extract the city and zip code as JSON: 10 Main St, Springfield 49007.": "json",
+    "A box holds 24 eggs. How many eggs are in 7 boxes?": "math",
+    "Good morning! Any plans for the weekend?": "general",
+}
+
+
 def base_dict(**router: Any) -> dict[str, Any]:
     """A valid config dict: sql/json/math with examples, general as the fallback."""
     return {

@@ -7,16 +7,8 @@ import pytest
 
 from routers import make_router
 from routers.embeddings import EMBEDDED_BODY, encode, shared_body
-from routing_helpers import GENERAL, JSON, MATH, SQL, make_config
+from routing_helpers import GENERAL, HELD_OUT, JSON, LABELS, MATH, SQL, TEXTS, make_config
 
-TEXTS = SQL + JSON + MATH + GENERAL
-LABELS = ["sql"] * len(SQL) + ["json"] * len(JSON) + ["math"] * len(MATH) + ["general"] * len(GENERAL)
-HELD_OUT = {
-    "Which customers placed more than ten orders? Use the orders table.": "sql",
-    "Extract the city and zip code as JSON: 10 Main St, Springfield 49007.": "json",
-    "A box holds 24 eggs. How many eggs are in 7 boxes?": "math",
-    "Good morning! Any plans for the weekend?": "general",
-}
 
 
 @pytest.fixture(scope="module")

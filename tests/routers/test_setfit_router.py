@@ -13,17 +13,8 @@ from coe.config import RouterTrainingConfig
 from routers import load_router, make_router
 from routers.labels import expert_columns
 from routers.setfit_router import SetFitRouter
-from routing_helpers import GENERAL, JSON, MATH, SQL, base_dict, make_config
+from routing_helpers import HELD_OUT, LABELS, TEXTS, base_dict, make_config
 
-# Experts declared in an order that is NOT sorted, so a head's sorted classes_ differ from it.
-TEXTS = SQL + JSON + MATH + GENERAL
-LABELS = ["sql"] * len(SQL) + ["json"] * len(JSON) + ["math"] * len(MATH) + ["general"] * len(GENERAL)
-HELD_OUT = {
-    "Which customers placed more than ten orders? Use the orders table.": "sql",
-    "Extract the city and zip code as JSON: 10 Main St, Springfield 49007.": "json",
-    "A box holds 24 eggs. How many eggs are in 7 boxes?": "math",
-    "Good morning! Any plans for the weekend?": "general",
-}
 # Small and fast: one pair per example and side, a handful of steps.
 SMALL = {"num_iterations": 1, "batch_size": 16, "show_progress": False}
 
