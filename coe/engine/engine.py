@@ -276,19 +276,10 @@ class Engine:
                             ignore_eos=ignore_eos)
         results: queue.SimpleQueue = queue.SimpleQueue()
         job = self._submit(req, results.put, stream=False)
-        try:
-            while True:
-                try:
-                    item = results.get(timeout=0.5)
-                except queue.Empty:
-                    if not self.scheduler.alive:
-                        raise EngineUnavailable("the engine loop stopped before the request finished") from None
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
+        for item in self._iterate(job, results):  # a non-streaming job posts only its final output
+            if isinstance(item, GenerationOutput):
                 return item
-        finally:
-            job.cancel()  # a no-op once finished; frees the slot if the caller was interrupted
+        raise EngineUnavailable("the engine loop stopped before the request finished")
 
     def stream(self, prompt: str | None = None, *, messages: Seq[Any] | None = None, adapter: str | None = None,
                max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -328,7 +319,7 @@ class Engine:
                 if isinstance(item, GenerationOutput):
                     return
         finally:
-            job.cancel()
+            job.cancel()  # a no-op once finished; frees the slot if the caller stopped early
 
     def astream(self, prompt: str | None = None, *, messages: Seq[Any] | None = None, adapter: str | None = None,
                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -362,7 +353,7 @@ class Engine:
                 if isinstance(item, GenerationOutput):
                     return
         finally:
-            job.cancel()
+            job.cancel()  # a no-op once finished; frees the slot if the caller stopped early
 
     def _submit(self, req: Request, sink: Any, *, stream: bool) -> Job:
         seq = Sequence(req, self.tokenizer, self.max_seq_len, incremental=stream)
