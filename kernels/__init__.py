@@ -49,7 +49,7 @@ from kernels import torch_ops
 from kernels.checks import check_args
 from kernels.meta import LoRAMeta
 
-__all__ = ["add_lora", "add_lora_packed", "LoRAMeta", "set_backend", "get_backend", "BACKENDS"]
+__all__ = ["add_lora", "add_lora_packed", "add_lora_dense", "LoRAMeta", "set_backend", "get_backend", "BACKENDS"]
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -180,6 +180,49 @@ def add_lora(
     if not meta.any_lora:
         return y
     return _dispatch(backend, y).add_lora_packed(y, x, A, B, meta, scale, output_slices)
+
+
+def add_lora_dense(y: torch.Tensor, h: torch.Tensor, B_dense: torch.Tensor, meta: LoRAMeta, width: int,
+                   lo: int = 0) -> torch.Tensor:
+    """The expand half of multi-LoRA when the caller computed the shrink densely: every token
+    against the ``k`` slots ``lo..lo+k-1``, usually inside its base projection's GEMM (the engine's
+    CPU decode path appends ``A[:k]`` to the base weight's rows, so one matmul yields the base
+    output and ``h``). This masks ``h`` in place to each token's own slot and adds
+    ``h @ B_dense`` into ``y``: one ``mul_`` and one ``addmm_`` whatever the mix of adapters.
+
+    Why a dense path: on a CPU, a decode step's LoRA cost is per-op overhead, not FLOPs (16 tokens
+    times a rank-16 A are a few MFLOP); computing every computed slot for every token and masking
+    costs ``k*width`` extra GEMM columns but no gathers, scatters or per-slot ops.
+
+    Semantics:
+        for t in range(T):
+            j = slots[t] - lo
+            h[t, :] = 0 outside columns j*width:(j+1)*width  (all of it when j is not in [0, k))
+        y += h @ B_dense
+
+    Args:
+        y: [T, D], the base output (may be a row-strided view); updated in place.
+        h: [T, k*width], ``x @ A[lo:lo+k].reshape(k*width, d_in).T`` with each slot's scaling
+            already folded into its A rows; masked in place.
+        B_dense: [k*width, D]: slot lo+j's rows ``j*width:(j+1)*width``; for packed projections,
+            slice i's rank rows hold that slice's B^T in the slice's own columns and zeros elsewhere.
+        meta: the step's ``LoRAMeta`` (the mask is built once per step per ``(k, width)``).
+        width: rows per slot (``n * r``).
+        lo: the first computed slot.
+
+    Returns:
+        ``y``.
+
+    Raises:
+        ValueError: shapes that do not line up.
+    """
+    T, cols = h.shape
+    if cols % width or y.shape[0] != T or meta.num_tokens != T or B_dense.shape != (cols, y.shape[1]):
+        raise ValueError(f"add_lora_dense: y {tuple(y.shape)}, h {tuple(h.shape)}, B_dense {tuple(B_dense.shape)}, "
+                         f"width {width}, {meta.num_tokens} tokens in the meta do not line up")
+    if not meta.any_lora:
+        return y
+    return torch_ops.add_lora_dense(y, h, B_dense, meta, width, lo)
 
 
 def _dispatch(backend: str | None, y: torch.Tensor):

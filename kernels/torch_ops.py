@@ -467,3 +467,26 @@ def _group(y, x, A, B, meta, p, scale, output_slices, rank):
             delta.narrow(0, r0, count).narrow(1, off, d).copy_(torch.mm(h.narrow(1, i * rank, rank), Bt_s.narrow(1, off, d)))
             off += d
     return _add_rows(y, rows, delta.to(y.dtype) if half else delta, alpha)
+
+
+def _dense_factor(meta: LoRAMeta, lo: int, k: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """[T, k*width] 0/1: token t keeps the columns of its own slot's block among slots lo..lo+k-1;
+    built once per step per (lo, k, width) and shared by every layer. None when nothing needs
+    masking (one slot computed, and every token on it)."""
+    if k == 1 and meta.single_slot == lo and meta.num_lora_tokens == meta.num_tokens:
+        return None
+    key = ("dense", lo, k, width, dtype)
+    hit = meta.cache.get(key)
+    if hit is None:
+        own = meta.slots.unsqueeze(1) == torch.arange(lo, lo + k, device=meta.device).unsqueeze(0)  # [T, k]
+        hit = meta.cache[key] = own.to(dtype).repeat_interleave(width, dim=1)
+    return hit
+
+
+def add_lora_dense(y: torch.Tensor, h: torch.Tensor, B_dense: torch.Tensor, meta: LoRAMeta, width: int,
+                   lo: int = 0) -> torch.Tensor:
+    """The expand of multi-LoRA after a dense shrink of slots ``lo..``; see ``kernels.add_lora_dense``."""
+    factor = _dense_factor(meta, lo, h.shape[1] // width, width, h.dtype)
+    if factor is not None:
+        h.mul_(factor)
+    return y.addmm_(h, B_dense)

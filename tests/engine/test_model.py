@@ -137,3 +137,55 @@ def test_mixed_step_equals_separate_runs(engine_factory, adapter_factory):
     assert (logits[0] - alone["a"]).abs().max() < TOL
     assert (logits[1] - alone["b"]).abs().max() < TOL
     assert (logits[2] - alone[None]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("adapters", [("a", "b", None), ("b",), ("a", "b", "c")])
+def test_large_decode_batch_equals_separate_runs(engine_factory, adapter_factory, adapters, monkeypatch):
+    """A decode step of 10 ragged sequences (the written-out attention from 8 rows, its padding
+    mask, chunked projections) gives every sequence the logits it gets alone. Adapter mixes: two
+    adjacent slots and the base (the dense LoRA path), one adapter on a slot above 0 (dense, no
+    mask), three slots (add_lora_packed)."""
+    from coe.engine import model as M
+
+    assert M.MANUAL_ATTENTION_MIN_ROWS <= 10 and M.DENSE_LORA_MAX_SLOTS == 2
+    engine = engine_factory(max_batch=12)
+    engine.load_adapter("c", adapter_factory("c", r=8, targets="all-linear", seed=13))  # slot 0 when loaded first
+    engine.load_adapter("a", adapter_factory("a", r=4, targets="all-linear", seed=11))
+    engine.load_adapter("b", adapter_factory("b", r=16, targets=("q_proj", "down_proj"), seed=12))
+    seqs = [(adapters[i % len(adapters)], IDS[i % 5 : 8 + i]) for i in range(10)]
+    alone = [decode_logits(engine, ids, len(ids) - 1, adapter=name)[-1] for name, ids in seqs]
+    kvs = [engine.kv.allocate() for _ in seqs]
+    slots = [_lora_slot(engine, name) for name, _ in seqs]
+    prefills = [Prefill(kv, 0, ids[:-1], slot, True) for kv, slot, (_, ids) in zip(kvs, slots, seqs)]
+    engine.model.forward(build_step([], prefills, num_lora_slots=engine.model.num_lora_slots, kv=engine.kv,
+                                    device=engine.device), engine.kv.k, engine.kv.v)
+    decodes = [Decode(kv, len(ids) - 1, ids[-1], slot) for kv, slot, (_, ids) in zip(kvs, slots, seqs)]
+    b = build_step(decodes, [], num_lora_slots=engine.model.num_lora_slots, kv=engine.kv, device=engine.device)
+    assert b.decode_mask is not None  # ragged: the mask is exercised
+    assert engine.model.layers[0].wqkv_c is not None  # the chunked projections are exercised
+    dense_calls = []
+    real_dense = M.add_lora_dense
+    monkeypatch.setattr(M, "add_lora_dense", lambda *a: dense_calls.append(1) or real_dense(*a))
+    logits = engine.model.forward(b, engine.kv.k, engine.kv.v)
+    assert bool(dense_calls) == ("c" not in adapters)
+    for i, want in enumerate(alone):
+        assert (logits[i] - want).abs().max() < TOL, (i, seqs[i][0])
+    for kv in kvs:
+        engine.kv.release(kv)
+
+
+def test_chunked_projection_equals_mm():
+    """``_proj``'s bmm over column blocks gives what one mm gives, for 1..300 rows, with a bias."""
+    from coe.engine.model import _proj, chunk_view
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 40, generator=g)  # [out, in]
+    b = torch.randn(96, generator=g)
+    w_t = w.t()
+    w_c = chunk_view(w_t)
+    assert w_c is not None and w_c.shape == (4, 40, 24) and w_c.data_ptr() == w.data_ptr()  # a view
+    assert chunk_view(torch.randn(90, 40).t()) is None  # 90 columns do not split into 4 blocks
+    for T in (1, 3, 16, 300):
+        x = torch.randn(T, 40, generator=g)
+        torch.testing.assert_close(_proj(x, w_t, w_c, None), x @ w_t, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(_proj(x, w_t, w_c, b), torch.addmm(b, x, w_t), rtol=1e-6, atol=1e-5)
