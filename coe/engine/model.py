@@ -195,15 +195,17 @@ def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch
 CHUNK_MAX_ROWS = 256
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
 MANUAL_ATTENTION_MIN_ROWS = 8
-# Output column blocks of a chunked projection (the weight must divide into them evenly).
-WEIGHT_CHUNKS = 4
 
 
-def chunk_view(w_t: torch.Tensor, chunks: int = WEIGHT_CHUNKS) -> torch.Tensor | None:
+def chunk_view(w_t: torch.Tensor, chunks: int = 0) -> torch.Tensor | None:
     """``w_t`` ([in, out], the transpose of a contiguous [out, in] weight) as ``chunks`` blocks of
-    output columns, [chunks, in, out/chunks]: a view, no copy. None where it does not divide, or
+    output columns, [chunks, in, out/chunks]: a view, no copy. ``chunks`` 0: 8 blocks for 2048
+    columns or more (a [16, 576] x [576, 3072] product: 1.15-1.3 ms with 8 blocks, 1.4-1.7 with
+    4), else 4. None where it does not divide, or
     off the CPU (a GPU's GEMM fills its cores on its own)."""
     d_in, d_out = w_t.shape
+    if chunks == 0:
+        chunks = 8 if d_out >= 2048 else 4
     if chunks < 2 or d_out % chunks or w_t.device.type != "cpu" or w_t.stride() != (1, d_in):
         return None
     return w_t.t().view(chunks, d_out // chunks, d_in).transpose(1, 2)
@@ -227,6 +229,74 @@ def _proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch
     xe = x.expand(C, T, x.shape[1])
     y = torch.bmm(xe, w_c) if b is None else torch.baddbmm(b.view(C, 1, -1), xe, w_c)  # [C, T, out/C]
     return y.transpose(0, 1).reshape(T, C * y.shape[2])
+
+
+def _mkldnn_pack(w: torch.Tensor) -> Any:
+    """``w`` [out, in] reordered for oneDNN's fp32 linear, or None where that op is missing."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)  # layout tuned for ~16-row inputs
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, w.shape[1], dtype=w.dtype), packed, None, "none", [], "")
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class OutputHead:
+    """The output projection (and, when tied, the token embeddings) [V, dim], in the layouts
+    that are fastest on a CPU.
+
+    Why: the vocabulary projection is the largest single matmul of a decode step (SmolLM2: 49152
+    x 576, 113 MB in fp32), and no one layout serves every row count. Measured on the 2-core CPU,
+    [N, 576] x [576, 49152] (``/work``-style microbenchmarks, median of 20):
+    - 1 row: ``bmm`` over 4 contiguous [576, V/4] column blocks 4.4 ms; ``mm`` 13-15 ms; ``bmm``
+      over transposed views of the [V, 576] rows (``_proj``'s trick) 8-9 ms; oneDNN 8.5 ms;
+    - 16 rows: oneDNN's packed fp32 linear 15-17 ms; ``mm`` 45 ms; column-block ``bmm`` 29-38 ms.
+    So on a CPU in float32 the head keeps the column blocks (``blocks``) and a oneDNN-packed copy
+    (``packed``), and drops the [V, dim] original: a tied model's embedding rows are gathered
+    from the blocks. Net cost: one extra copy of the matrix. Elsewhere (GPU, half precision) it
+    is the plain matrix and ``mm``.
+    """
+
+    BLOCK_MAX_ROWS = 2  # rows up to this go through the column blocks, more through oneDNN
+    CHUNKS = 4
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.vocab, self.dim = w.shape
+        self.w: torch.Tensor | None = None
+        self.blocks: torch.Tensor | None = None
+        self.packed: Any = None
+        if w.device.type != "cpu" or w.dtype != torch.float32 or self.vocab % self.CHUNKS:
+            self.w = w
+            return
+        C = self.CHUNKS
+        self.blocks = w.t().reshape(self.dim, C, self.vocab // C).permute(1, 0, 2).contiguous()  # [C, dim, V/C]
+        self._rows = self.blocks.permute(0, 2, 1)  # [C, V/C, dim]: row v is [v // (V/C), v % (V/C)]
+        self.packed = _mkldnn_pack(w)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T``: [N, dim] -> [N, V]."""
+        if self.blocks is None:
+            return torch.mm(x, self.w.t())
+        N = x.shape[0]
+        if self.packed is not None and N > self.BLOCK_MAX_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        C = self.blocks.shape[0]
+        return torch.bmm(x.expand(C, N, self.dim), self.blocks).transpose(0, 1).reshape(N, self.vocab)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``W[ids]``: [T] -> [T, dim]."""
+        if self.blocks is None:
+            return F.embedding(ids, self.w)
+        per = self.vocab // self.blocks.shape[0]
+        block = torch.div(ids, per, rounding_mode="floor")
+        return self._rows[block, ids - block * per]
+
+    def nbytes(self) -> int:
+        if self.blocks is None:
+            return self.w.numel() * self.w.element_size()
+        return self.blocks.numel() * self.blocks.element_size() * (2 if self.packed is not None else 1)
 
 
 class LoRAStack:
@@ -352,11 +422,9 @@ class Transformer:
         self.dtype = dtype
         self.device = device
         self.layers: list[Layer] = []
-        self.tok_embeddings: torch.Tensor | None = None
+        self.tok_embeddings: torch.Tensor | None = None  # None when tied and kept in ``head``'s layouts
         self.norm: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
-        self.output_t: torch.Tensor | None = None
-        self.output_c: torch.Tensor | None = None  # column-block views: see ``_proj``
+        self.head: OutputHead | None = None
         self.rope_cos: torch.Tensor | None = None  # [max_len, D]
         self.rope_sin: torch.Tensor | None = None  # [max_len, D], first half negated (see from_state)
         self.num_lora_slots = 0
@@ -408,14 +476,15 @@ class Transformer:
         def maybe(name: str, shape: tuple[int, ...], present: bool) -> torch.Tensor | None:
             return need(name, shape) if present else None
 
-        self.tok_embeddings = need("model.embed_tokens.weight", (a.vocab_size, a.dim)).contiguous()
+        emb = need("model.embed_tokens.weight", (a.vocab_size, a.dim)).contiguous()
         self.norm = need("model.norm.weight", (a.dim,))
         if a.tie_word_embeddings or get("lm_head.weight") is None:
-            self.output = self.tok_embeddings
+            self.head = OutputHead(emb)
+            self.tok_embeddings = None if self.head.w is None else emb  # gathered from the head's layouts
         else:
-            self.output = need("lm_head.weight", (a.vocab_size, a.dim)).contiguous()
-        self.output_t = self.output.t()
-        self.output_c = chunk_view(self.output_t)
+            self.head = OutputHead(need("lm_head.weight", (a.vocab_size, a.dim)).contiguous())
+            self.tok_embeddings = emb
+        del emb
         D, H, K = a.head_dim, a.n_heads, a.n_kv_heads
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
@@ -491,10 +560,12 @@ class Transformer:
         return self.layers[0].lora["qkv"].rank if self.layers else 0
 
     def weight_bytes(self) -> int:
-        """Bytes held by the base weights (tied embeddings counted once)."""
+        """Bytes held by the base weights (tied embeddings counted once; the output head's extra
+        CPU layout counted)."""
         seen: set[int] = set()
-        total = 0
-        tensors = [self.tok_embeddings, self.norm, self.output]
+        total = self.head.nbytes()
+        seen.add(self.head.w.data_ptr() if self.head.w is not None else 0)
+        tensors = [self.tok_embeddings, self.norm]
         for L in self.layers:
             tensors += [L.attn_norm, L.wqkv_t, L.bqkv, L.wo_t, L.bo, L.ffn_norm, L.w13_t, L.b13, L.w2_t, L.b2]
         for t in tensors:
@@ -546,7 +617,7 @@ class Transformer:
         half = D // 2
         I = a.intermediate_size
 
-        x = F.embedding(batch.token_ids, self.tok_embeddings)  # [T, dim]
+        x = self.head.embed(batch.token_ids) if self.tok_embeddings is None else F.embedding(batch.token_ids, self.tok_embeddings)
         for li, layer in enumerate(self.layers):
             lora = layer.lora
             lmask = groups[li] if use_lora else 0
@@ -603,7 +674,7 @@ class Transformer:
         if batch.logit_rows.shape[0] != T:
             x = x.index_select(0, batch.logit_rows)
         x = _rms_norm(x, self.norm, eps, dim)
-        return _proj(x, self.output_t, self.output_c, None).float()
+        return self.head.logits(x).float()
 
     @staticmethod
     def _lora_proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch.Tensor | None,

@@ -245,3 +245,4 @@ def test_add_lora_dense_rejects_mismatched_shapes():
     meta = LoRAMeta.build(torch.tensor([0, 0]), 2)
     with pytest.raises(ValueError, match="do not line up"):
         add_lora_dense(torch.zeros(2, 8), torch.zeros(2, 6), torch.zeros(6, 8), meta, 4)
+
