@@ -4,7 +4,10 @@ Same model (default: the embedded SmolLM2-135M-Instruct, fp32), same random r=16
 adapters (8 of them), greedy decoding past EOS, ~40-token prompts, 64 new tokens. Every number
 is a median over repeats, and every comparison is a ratio against a baseline measured in the
 same run, in alternating turns (engine, PEFT, engine, ...), because the machine may be shared:
-each ratio is taken per round, then the median over rounds (``round_seconds`` has the raw times). Keys written to ``--json`` (goals from issue 6):
+each ratio is taken per round, then the median over rounds (``round_seconds`` has the raw times).
+transformers+PEFT runs on the engine's loop thread, so both sides use the one OpenMP worker pool
+(``coe.engine.threads`` explains why a second pool would slow either). Keys written to ``--json``
+(goals from issue 6):
 
 - ``single_stream_tok_s`` / ``peft_single_stream_tok_s`` / ``single_stream_speedup`` (>= 2.5):
   one request on one adapter (``*_base_*``: the same on the base model);
@@ -39,6 +42,7 @@ from typing import Any
 import torch
 
 from coe.engine.outputs import GenerationOutput, StreamDelta
+from coe.engine.threads import run_in_fresh_thread, single_threaded_openmp
 
 PROMPT_TOKENS = 40
 NUM_ADAPTERS = 8
@@ -227,7 +231,12 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
 
     files = resolve_model(model)
     tmp = Path(tempfile.mkdtemp(prefix="coe-bench-"))
-    paths = _make_adapters(engine.model.args, tmp, NUM_ADAPTERS + 1, engine.model_id)
+
+    def make() -> list[Path]:  # off this thread, without an OpenMP pool (see below)
+        single_threaded_openmp()
+        return _make_adapters(engine.model.args, tmp, NUM_ADAPTERS + 1, engine.model_id)
+
+    paths = run_in_fresh_thread(make)
     names = [f"a{i}" for i in range(NUM_ADAPTERS)]
     for n, p in zip(names, paths):
         engine.load_adapter(n, p)
@@ -260,18 +269,26 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log("loading transformers+PEFT...")
-        hf = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(str(files.path))
-        plain = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
-        pm = PeftModel.from_pretrained(hf, str(paths[0]), adapter_name=names[0])
-        for n, p in zip(names[1:], paths[1:]):
-            pm.load_adapter(str(p), adapter_name=n)
-        pm.eval()
-        pm.set_adapter(names[0])
+        # transformers+PEFT runs on the engine's loop thread (idle meanwhile), so that both sides
+        # compute with the same single OpenMP worker pool: a second live pool would slow whichever
+        # side runs (coe.engine.threads), and a fresh thread per call would pay a new pool each time.
+        on_loop = lambda fn: engine.scheduler.call(fn)  # noqa: E731
+
+        def load_hf() -> tuple[Any, Any, Any]:
+            hf = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
+            plain = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=torch.float32).eval()
+            pm = PeftModel.from_pretrained(hf, str(paths[0]), adapter_name=names[0])
+            for n, p in zip(names[1:], paths[1:]):
+                pm.load_adapter(str(p), adapter_name=n)
+            pm.eval()
+            pm.set_adapter(names[0])
+            return pm, plain, AutoTokenizer.from_pretrained(str(files.path))
+
+        pm, plain, tok = on_loop(load_hf)
         peft_cases = {
-            "peft_single": lambda: _peft_generate(pm, tok, prompts[:1], new_tokens, None),
-            "peft_single_base": lambda: _peft_generate(plain, tok, prompts[:1], new_tokens, None),
-            "peft_mixed16": lambda: _peft_generate(pm, tok, prompts, new_tokens, mixed),
+            "peft_single": lambda: on_loop(lambda: _peft_generate(pm, tok, prompts[:1], new_tokens, None)),
+            "peft_single_base": lambda: on_loop(lambda: _peft_generate(plain, tok, prompts[:1], new_tokens, None)),
+            "peft_mixed16": lambda: on_loop(lambda: _peft_generate(pm, tok, prompts, new_tokens, mixed)),
         }
         for fn in peft_cases.values():
             fn()

@@ -28,6 +28,7 @@ from coe.engine.registry import AdapterRegistry
 from coe.engine.request import Request, build_request, encode_prompt
 from coe.engine.scheduler import Job, Scheduler
 from coe.engine.sequence import Sequence
+from coe.engine.threads import run_in_fresh_thread, single_threaded_openmp
 from coe.engine.weights import load_model, model_context, resolve_device, resolve_dtype, resolve_model
 from coe.errors import ConfigError, EngineUnavailable, InvalidRequest, UnknownModel
 
@@ -130,7 +131,8 @@ class Engine:
         if threads is not None:
             torch.set_num_threads(int(threads))
         files = resolve_model(model, revision=revision)
-        net, hf_config = load_model(files.path, dtype=dt, device=dev, max_seq_len=serving.max_seq_len)
+        # on a thread that then exits, so that its OpenMP workers go with it (coe.engine.threads)
+        net, hf_config = run_in_fresh_thread(lambda: load_model(files.path, dtype=dt, device=dev, max_seq_len=serving.max_seq_len))
         from transformers import AutoTokenizer
 
         try:
@@ -188,7 +190,11 @@ class Engine:
         """
         if not isinstance(name, str) or not name:
             raise InvalidRequest(f"name: expected a non-empty adapter name, found {name!r}", param="name")
-        self.registry.load(name, None if source is None else str(source))
+        def read() -> None:  # off the caller's thread, without an OpenMP pool (coe.engine.threads)
+            single_threaded_openmp()
+            self.registry.load(name, None if source is None else str(source))
+
+        run_in_fresh_thread(read, "coe-adapter-read")
         self._make_resident_if_free(name)
         return self._info(name)
 

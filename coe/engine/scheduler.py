@@ -41,6 +41,7 @@ from coe.engine.kv_cache import KVCache
 from coe.engine.model import Transformer
 from coe.engine.outputs import GenerationOutput, StreamDelta
 from coe.engine.registry import AdapterRegistry
+from coe.engine.threads import single_threaded_openmp
 from coe.engine.request import Request
 from coe.engine.sampling import sample_batch
 from coe.engine.sequence import Sequence
@@ -111,7 +112,8 @@ class Scheduler:
         self._isolate: set[Job] = set()  # run alone after a failed shared step
         self._loads: dict[str, Future] = {}
         self._draining: dict[str, str] = {}  # victim adapter -> the waiting adapter it makes room for
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coe-adapter-load")
+        # cold loads read adapters here without an OpenMP pool of their own (see coe.engine.threads)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coe-adapter-load", initializer=single_threaded_openmp)
         self._accepting = True
         self._stop = False
         self._max_wait: dict[str, float] = {}

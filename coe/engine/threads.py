@@ -1,0 +1,114 @@
+"""Keeping the decode loop the only multi-threaded OpenMP user of the process.
+
+Why this module exists: torch's CPU build runs its intra-op parallelism on GNU OpenMP (libgomp),
+which gives every thread that starts a parallel region its own pool of worker threads, kept for
+that thread's lifetime. libgomp lets idle workers spin briefly between regions (they are woken
+again within microseconds) only while the process's OpenMP worker threads number no more than its
+CPUs; past that it parks them at once, and every one of the ~300 parallel regions of a decode
+step pays a futex wake-up. On a 2-core machine one stray pool is enough: a decode step of 16
+sequences took 131-141 ms on the engine's loop thread after the model had been loaded on the
+caller's thread (whose pool stays), against 114-127 ms when the loading ran on a thread that
+had exited (``python -m coe.engine.threads``, which prints both; the same step on the main
+thread alone took ~120 ms).
+
+So the engine (1) loads its model on a short-lived thread (:func:`run_in_fresh_thread`), whose
+pool dies with it, and (2) runs its other helper threads (adapter reads) with one OpenMP thread
+(:func:`single_threaded_openmp`), so they never start a pool. MKL's GEMMs start their own
+workers whatever the OpenMP setting, so helpers must not multiply large matrices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any, Callable
+
+import torch
+
+_libgomp: Any = None
+
+
+def _gomp() -> Any:
+    """torch's bundled libgomp (the one its parallel regions use), or None (another backend)."""
+    global _libgomp
+    if _libgomp is None:
+        _libgomp = False
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+        if "OpenMP" in torch.__config__.parallel_info() and os.path.exists(path):
+            try:
+                _libgomp = ctypes.CDLL(path)
+            except OSError:
+                pass
+    return _libgomp or None
+
+
+def single_threaded_openmp() -> None:
+    """Make the calling thread's parallel regions run on itself alone (no worker pool).
+
+    Only this thread's OpenMP setting changes (``omp_set_num_threads`` is per thread); torch's
+    process-wide thread count is untouched. A no-op where torch does not use libgomp.
+    """
+    torch.get_num_threads()  # let torch apply its per-thread default first, then override it
+    lib = _gomp()
+    if lib is not None:
+        lib.omp_set_num_threads(1)
+
+
+def run_in_fresh_thread(fn: Callable[[], Any], name: str = "coe-load") -> Any:
+    """Run ``fn`` on a new thread, wait for it, and return its result (or raise its exception).
+
+    The thread exits when ``fn`` returns, and with it the OpenMP worker pool it started.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def _demo() -> None:  # pragma: no cover - a measurement, printed
+    import statistics
+    import time
+
+    from coe.engine import Engine
+    from coe.engine.batch import Decode, build_step
+
+    def time_steps(engine: Any) -> float:
+        m, kv = engine.model, engine.kv
+        out: list[float] = []
+
+        def run() -> None:
+            for t in kv.k + kv.v:
+                t.zero_()
+            for i in range(33):
+                b = build_step([Decode(s, 60, 100 + s, -1) for s in range(16)], [], num_lora_slots=m.num_lora_slots,
+                               kv=kv, device=engine.device)
+                t0 = time.perf_counter()
+                m.forward(b, kv.k, kv.v)
+                if i >= 3:
+                    out.append(time.perf_counter() - t0)
+
+        run_in_fresh_thread(run, "coe-demo-loop")  # stands for the engine's loop thread
+        return statistics.median(out) * 1e3
+
+    torch.set_num_threads(2)
+    kw = dict(dtype="float32", device="cpu", max_batch=16, max_seq_len=168)
+    fresh = Engine.from_pretrained(None, **kw)  # loads on a fresh thread
+    fresh.shutdown()
+    print(f"model loaded on an exited thread: {time_steps(fresh):.1f} ms per 16-sequence decode step")
+    (torch.randn(4096, 4096) + 1).sum()  # the caller's thread now holds a pool, as a stray user would
+    print(f"with a second OpenMP pool alive:  {time_steps(fresh):.1f} ms per 16-sequence decode step")
+
+
+if __name__ == "__main__":  # python -m coe.engine.threads
+    _demo()
