@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from coe.engine.outputs import GenerationOutput, StreamDelta
-from coe.engine.threads import run_in_fresh_thread, single_threaded_openmp
+from coe.engine.threads import run_in_fresh_thread, compute_on_one_thread
 
 PROMPT_TOKENS = 40
 NUM_ADAPTERS = 8
@@ -233,7 +233,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     tmp = Path(tempfile.mkdtemp(prefix="coe-bench-"))
 
     def make() -> list[Path]:  # off this thread, without an OpenMP pool (see below)
-        single_threaded_openmp()
+        compute_on_one_thread()
         return _make_adapters(engine.model.args, tmp, NUM_ADAPTERS + 1, engine.model_id)
 
     paths = run_in_fresh_thread(make)

@@ -18,6 +18,7 @@ from msgspec import UNSET
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
+from coe.engine.threads import one_thread
 from coe.errors import EngineUnavailable, InvalidRequest
 from coe.pipeline import Pipeline, PipelineResult, RoutedRequest, TextDelta
 from coe.types import last_user_text
@@ -66,7 +67,7 @@ class _Generation:
             assert isinstance(body, S.CompletionRequest)
             prepare = self.pipeline.prepare_completion
             what = body.prompt_text()
-        req = await anyio.to_thread.run_sync(prepare, what, body.model, body.route_metadata(), body.sampling())
+        req = await anyio.to_thread.run_sync(one_thread(prepare), what, body.model, body.route_metadata(), body.sampling())
         self.request.state[DECISION_KEY] = req
         self.metrics.route_latency.observe(req.route_s)
         self.metrics.started()
@@ -228,7 +229,7 @@ class OpenAIController(Controller):
             scores = dict(decision.scores) or (pipeline.scores(text) if data.model == "auto" else {})
             return decision, scores, elapsed
 
-        decision, scores, elapsed = await anyio.to_thread.run_sync(decide)
+        decision, scores, elapsed = await anyio.to_thread.run_sync(one_thread(decide))
         metrics.route_latency.observe(elapsed)
         metrics.observe_request("/v1/route", decision.expert, decision.source, 200)
         return S.RouteResponse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coe.engine.threads import run_in_fresh_thread, single_threaded_openmp
+from coe.engine.threads import run_in_fresh_thread, compute_on_one_thread
 
 
 def test_run_in_fresh_thread_returns_and_raises():
@@ -17,11 +17,11 @@ def test_run_in_fresh_thread_returns_and_raises():
         run_in_fresh_thread(lambda: {}["boom"])
 
 
-def test_single_threaded_openmp_is_per_thread():
+def test_compute_on_one_thread_is_per_thread():
     before = torch.get_num_threads()
 
     def inside() -> int:
-        single_threaded_openmp()
+        compute_on_one_thread()
         (torch.ones(100_000) + 1).sum()  # a parallel-sized op still works
         return torch.get_num_threads()
 
@@ -29,3 +29,20 @@ def test_single_threaded_openmp_is_per_thread():
     if "OpenMP" in torch.__config__.parallel_info():
         assert inner == 1
     assert torch.get_num_threads() == before  # the process-wide setting is untouched
+
+
+def test_one_thread_limits_mkl_too_and_passes_arguments():
+    import os
+
+    from coe.engine.threads import one_thread
+
+    def work(n: int) -> int:
+        before = len(os.listdir("/proc/self/task"))
+        a = torch.randn(512, 512)
+        a @ a  # an MKL GEMM: with MKL's per-thread count at 1 it starts no worker
+        (a + 1).sum()
+        return len(os.listdir("/proc/self/task")) - before + n
+
+    grown = run_in_fresh_thread(lambda: one_thread(work)(0))
+    if "OpenMP" in torch.__config__.parallel_info() and torch.get_num_threads() > 1:
+        assert grown == 0
