@@ -15,14 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
+# A temperature or top_p below this means "the most likely token" (vLLM's _SAMPLING_EPS): below
+# float32's range such values become 0, and logits / 0 or an empty nucleus would break sampling.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class Sampler:
     """One request's sampling settings and RNG.
 
     Args:
-        temperature: 0 means greedy.
-        top_p: nucleus mass in (0, 1]; 1 disables.
+        temperature: 0 (or below ``SAMPLING_EPS``) means greedy.
+        top_p: nucleus mass in (0, 1]; 1 disables; below ``SAMPLING_EPS`` means greedy.
         top_k: keep the k most likely tokens; 0 disables.
         seed: RNG seed; None draws a fresh one.
     """
@@ -40,7 +44,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS or self.top_k == 1
 
     def sample(self, logits: torch.Tensor) -> int:
         """One token from float32 logits [V]."""
@@ -55,6 +59,7 @@ class Sampler:
             sorted_p, order = torch.sort(probs, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= self.top_p
+            drop[0] = False
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
