@@ -9,16 +9,20 @@ Why hand-written rather than transformers' modules: on a 2-core CPU the per-op P
 decode step matters as much as its FLOPs, so this model
 - fuses q/k/v into one ``wqkv`` matmul and gate/up into one ``w13`` matmul (packed LoRA calls too);
 - applies RoPE to q and k together, with cos/sin gathered once per step;
-- calls ``mm`` on pre-transposed weight views and writes RMSNorm with 0-dim tensor constants
-  (each saves dispatches that ``F.linear`` / ``F.rms_norm`` / Python scalars cost);
+- runs the projections of small steps as one ``bmm`` over column-block views of each weight, so
+  that both cores stream it (``_proj``; MKL runs a few-row GEMM on one core), keeps the
+  vocabulary head in the layouts fastest per row count (``OutputHead``), and writes RMSNorm with
+  0-dim tensor constants (Python scalars cost a wrapping dispatch);
+- adds the LoRA of steps on one or two adjacent adapter slots with ``kernels.add_lora_dense`` (a
+  shrink ``mm`` and one ``addmm_``), and of other steps with ``kernels.add_lora_packed``;
 - keeps weights as plain tensor attributes (no ``nn.Module.__getattr__`` per weight per layer);
 - writes K/V for all T tokens with one ``index_put_`` per layer and reads a decode batch's cache
   as a view when its sequences sit in consecutive KV slots.
 
 Its arithmetic follows transformers op for op where rounding depends on it (rotate-half RoPE,
-residual added after the projection and its LoRA delta, as PEFT does), so fp32 logits match
-transformers+PEFT bit for bit on the base model (prefill; SmolLM2 measured) and to ~1e-5 with
-adapters. Faster variants (complex-multiply RoPE, residual folded into ``addmm``) were measured
+residual added after the projection and its LoRA delta, as PEFT does), so fp32 hidden states
+match transformers+PEFT to rounding (the column-block projections gave bit-identical SmolLM2
+decode steps), and logits within 1e-4 (the oneDNN vocabulary GEMM sums in another order). Faster variants (complex-multiply RoPE, residual folded into ``addmm``) were measured
 and cost that agreement (3e-4 on SmolLM2's logits) for ~2 ops per layer.
 
 ``torch.compile`` was measured too: compiling the whole decode step cuts a 30-layer step's
