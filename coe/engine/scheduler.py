@@ -124,9 +124,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ caller side (any thread)
 
-    BURST_GAP_S = 0.002  # see _gather_burst
-    BURST_MAX_S = 0.02
-
     def submit(self, seq: Sequence, sink: Callable[[Any], None], *, stream: bool) -> Job:
         """Queue a sequence.
 
@@ -217,8 +214,6 @@ class Scheduler:
                         self._cond.wait()
                     if self._stop:
                         break
-                    if self._inbox and not self._running and not self._waiting:
-                        self._gather_burst()
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
                     calls = list(self._calls)
@@ -243,28 +238,6 @@ class Scheduler:
             raise
         finally:
             self._fail_all(EngineUnavailable("the engine stopped before this request finished"))
-
-    def _gather_burst(self) -> None:
-        """An idle engine got a request: wait while more keep arriving (each within
-        ``BURST_GAP_S`` of the last, ``BURST_MAX_S`` in all) so that a burst starts as one batch.
-
-        Why: a prompt admitted alone starts decoding at once, and from then on the rest of the
-        burst can only join in small prefill chunks (the budget that protects running streams),
-        one or two prompts a step. Measured: 16 requests submitted back to back take 5-9 ms to
-        submit; when the first one started alone, the burst's prompts went through ~10 steps of
-        65-71 tokens instead of one of 512, and 16 requests on one adapter ran 25-35% slower than
-        16 on the base model that happened to start together. A lone request waits ``BURST_GAP_S``.
-        Called with ``self._cond`` held.
-        """
-        deadline = time.monotonic() + self.BURST_MAX_S
-        while not self._stop and not self._calls:
-            seen = len(self._inbox)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._cond.wait(timeout=min(self.BURST_GAP_S, left))
-            if len(self._inbox) == seen:
-                return
 
     def _fail_all(self, exc: CoeError) -> None:
         with self._cond:

@@ -295,20 +295,3 @@ def test_stream_with_stop_string_never_sends_the_stop_text(engine_factory):
     sent = "".join(d.text for d in items[:-1])
     assert final.finish_reason == "stop"
     assert sent == final.text == full[: full.find(stop)]
-
-
-def test_a_burst_of_requests_on_an_idle_engine_starts_as_one_batch(engine_factory, monkeypatch):
-    """Requests submitted back to back to an idle engine are prefilled in one step (the loop waits
-    while they keep arriving), instead of the first starting alone and the rest trickling in."""
-    from coe.engine.scheduler import Scheduler
-
-    monkeypatch.setattr(Scheduler, "BURST_GAP_S", 0.5)  # generous: a loaded CI machine may pause the submitter
-    monkeypatch.setattr(Scheduler, "BURST_MAX_S", 5.0)
-    engine = engine_factory(max_batch=4)
-    engine.generate("warm up", max_tokens=1)
-    _wait_idle(engine)
-    steps0 = engine.stats()["steps_total"]
-    streams = [engine.stream(p, max_tokens=1) for p in PROMPTS[:4]]
-    outs = [[it for it in s if isinstance(it, GenerationOutput)][0] for s in streams]
-    assert all(o.completion_tokens == 1 for o in outs)
-    assert engine.stats()["steps_total"] - steps0 == 1
