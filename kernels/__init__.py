@@ -3,6 +3,8 @@
 Every LoRA linear of the engine adds ``scale * B[s] @ (A[s] @ x[t])`` to its base output for the
 adapter slot ``s`` of each token ``t``. ``add_lora`` does this for one projection and
 ``add_lora_packed`` for packed projections (q/k/v, gate/up) that share one input, reading it once.
+``add_lora_dense`` is the expand half for a caller that computed the shrink densely over one or
+two adjacent slots (the engine's CPU decode path for one or two adapters).
 Tokens are grouped by slot once per step in a ``LoRAMeta`` that every layer reuses; a step where
 no token has an adapter returns at once, before any check (``meta.any_lora`` is a host bool, so
 there is no sync; shapes are then checked on the first step that uses an adapter).
