@@ -43,6 +43,8 @@ def test_one_thread_limits_mkl_too_and_passes_arguments():
         (a + 1).sum()
         return len(os.listdir("/proc/self/task")) - before + n
 
-    grown = run_in_fresh_thread(lambda: one_thread(work)(0))
+    # each try on a fresh thread (a pool, once started, would stay); the least growth of three
+    # tries discounts a thread some other part of the process happened to start meanwhile
+    grown = min(run_in_fresh_thread(lambda: one_thread(work)(0)) for _ in range(3))
     if "OpenMP" in torch.__config__.parallel_info() and torch.get_num_threads() > 1:
         assert grown == 0
