@@ -41,7 +41,7 @@ from coe.errors import (
     RouterError,
     UnknownModel,
 )
-from coe.types import Message, RouteContext, RouteDecision, SamplingParams, content_text
+from coe.types import SAMPLING_EPS, Message, RouteContext, RouteDecision, SamplingParams, content_text
 
 logger = logging.getLogger("coe.pipeline")
 
@@ -49,10 +49,6 @@ AUTO = "auto"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's defaults for what neither the request nor the expert sets.
 _OPENAI_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0)
-# A temperature or top_p below this means "the most likely token" (vLLM's _SAMPLING_EPS); sent
-# as is, 1/temperature overflows float32 logits and a nucleus below float32's range drops every
-# token, and the engine's sampler fails the request.
-_SAMPLING_EPS = 1e-5
 # Values echoed in error messages are cut to this many characters (a 1 MB model name must not
 # come back in the body, or in the log).
 _ECHO_CHARS = 80
@@ -403,7 +399,7 @@ class Pipeline:
         merged = req.merged_over(defaults).merged_over(_OPENAI_DEFAULTS)
         if merged.max_tokens is None:
             merged = replace(merged, max_tokens=self.config.serving.max_tokens_default)
-        if (merged.temperature or 0.0) < _SAMPLING_EPS or (merged.top_p or 1.0) < _SAMPLING_EPS:
+        if (merged.temperature or 0.0) < SAMPLING_EPS or (merged.top_p or 1.0) < SAMPLING_EPS:
             merged = replace(merged, temperature=0.0)
         return replace(merged, max_tokens=min(merged.max_tokens, limit))
 

@@ -89,6 +89,13 @@ class RouteDecision:
         }
 
 
+# A temperature or top_p below this means "the most likely token" (vLLM's _SAMPLING_EPS): below
+# float32's range such values become 0, so 1/temperature overflows the logits and a nucleus drops
+# every token. The engine's sampler treats them as greedy; the pipeline maps them to
+# temperature 0 before any backend (a remote engine included) sees them.
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. ``None`` fields take the expert's / engine's default.

@@ -55,10 +55,10 @@ index_put_ = torch.ops.aten.index_put_
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 GROUP_BITS = {"qkv": 1, "o": 2, "gate_up": 4, "down": 8}
-# Steps of at most this many tokens run their LoRA through the dense path (``_lora_dense``).
+# Steps of at most this many tokens run their LoRA through the dense path (``Transformer._lora_proj``)...
 DENSE_LORA_MAX_ROWS = 64
-# ...and only while the highest active slot is below this: every token computes slots 0..k-1, so
-# past it the wasted GEMM columns cost more than the gathers of ``add_lora_packed``. Measured per
+# ...when their active slots span at most this many (every token computes every slot of the span,
+# so past it the wasted GEMM columns cost more than the gathers of ``add_lora_packed``). Measured per
 # decode step on the 2-core CPU, SmolLM2, r=16 all-linear (dense vs add_lora_packed, ms):
 # 2/8/16 tokens over 2 slots 116/163/199 vs 128/173/216; over 4 slots 8/16 tokens 186/215 vs
 # 167/197; 16 tokens over 8 slots 268 vs 215.
@@ -194,23 +194,21 @@ def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch
     return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
 
 
-# Steps of at most this many rows multiply by a projection through ``_chunked`` (decode steps and
-# short prefill chunks); longer ones through one ``mm``, which MKL already spreads over the cores.
+# Steps of at most this many rows multiply by a projection as column blocks (``_proj``: decode steps
+# and short prefill chunks); longer ones through one ``mm``, which MKL already spreads over the cores.
 CHUNK_MAX_ROWS = 256
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
 MANUAL_ATTENTION_MIN_ROWS = 8
 
 
-def chunk_view(w_t: torch.Tensor, chunks: int = 0) -> torch.Tensor | None:
-    """``w_t`` ([in, out], the transpose of a contiguous [out, in] weight) as ``chunks`` blocks of
-    output columns, [chunks, in, out/chunks]: a view, no copy. ``chunks`` 0: 8 blocks for 2048
-    columns or more (a [16, 576] x [576, 3072] product: 1.15-1.3 ms with 8 blocks, 1.4-1.7 with
-    4), else 4. None where it does not divide, or
-    off the CPU (a GPU's GEMM fills its cores on its own)."""
+def chunk_view(w_t: torch.Tensor) -> torch.Tensor | None:
+    """``w_t`` ([in, out], the transpose of a contiguous [out, in] weight) as blocks of output
+    columns, [C, in, out/C]: a view, no copy. C is 8 for 2048 columns or more (a [16, 576] x
+    [576, 3072] product: 1.15-1.3 ms with 8 blocks, 1.4-1.7 with 4), else 4. None where the
+    columns do not divide, or off the CPU (a GPU's GEMM fills its cores on its own)."""
     d_in, d_out = w_t.shape
-    if chunks == 0:
-        chunks = 8 if d_out >= 2048 else 4
-    if chunks < 2 or d_out % chunks or w_t.device.type != "cpu" or w_t.stride() != (1, d_in):
+    chunks = 8 if d_out >= 2048 else 4
+    if d_out % chunks or w_t.device.type != "cpu" or w_t.stride() != (1, d_in):
         return None
     return w_t.t().view(chunks, d_out // chunks, d_in).transpose(1, 2)
 
@@ -222,7 +220,8 @@ def _proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch
     reading the weight, and MKL's GEMM runs it on one core: measured on this 2-core CPU, a
     [1, 576] x [576, 3072] fp32 product reads its 7 MB at ~8 GB/s, against ~20 GB/s for a 2-core
     sweep of memory. ``bmm`` over 4 column blocks hands the blocks to both cores: 2.0-2.4x faster
-    at 1 row, ~3x at 16 rows (``python -m coe.engine.bench --quick``; README "Engine"). Each
+    at 1 row, ~3x at 16 rows (median of 200 calls cycling through 30 copies of the weight, so
+    none is cached); a SmolLM2 decode step 80 -> 53 ms at 1 row, 206 -> 143 ms at 16. Each
     output element is still one dot product over the whole input, so only the kernel's
     accumulation order can differ from ``mm`` (within fp32 rounding).
     """
@@ -253,7 +252,7 @@ class OutputHead:
 
     Why: the vocabulary projection is the largest single matmul of a decode step (SmolLM2: 49152
     x 576, 113 MB in fp32), and no one layout serves every row count. Measured on the 2-core CPU,
-    [N, 576] x [576, 49152] (``/work``-style microbenchmarks, median of 20):
+    [N, 576] x [576, 49152] (median of 20-40 calls alternating two copies of the matrix):
     - 1 row: ``bmm`` over 4 contiguous [576, V/4] column blocks 4.4 ms; ``mm`` 13-15 ms; ``bmm``
       over transposed views of the [V, 576] rows (``_proj``'s trick) 8-9 ms; oneDNN 8.5 ms;
     - 16 rows: oneDNN's packed fp32 linear 15-17 ms; ``mm`` 45 ms; column-block ``bmm`` 29-38 ms.
@@ -330,7 +329,7 @@ class LoRAStack:
             path, one ``addmm_`` for all slices. Costs (n-1) times ``Bt``'s memory.
     """
 
-    __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in", "folded", "kernel_scale", "B_dense")
+    __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in", "folded", "kernel_scale", "B_dense", "_dense_ops")
 
     def __init__(self, d_in: int, output_slices: tuple[int, ...]) -> None:
         self.d_in = d_in
@@ -339,6 +338,7 @@ class LoRAStack:
         self.folded = False
         self.kernel_scale: float | torch.Tensor | None = None
         self.B_dense: torch.Tensor | None = None
+        self._dense_ops: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def allocate(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device, dense: bool = False) -> None:
         """Allocate zeroed slots; ``dense`` also allocates ``B_dense`` (CPU float32 stacks)."""
@@ -351,8 +351,20 @@ class LoRAStack:
         self.folded = dtype == torch.float32
         self.kernel_scale = 1.0 if self.folded else self.scale
         self.B_dense = None
+        self._dense_ops = {}
         if dense and self.folded:
             self.B_dense = self.Bt if n == 1 else torch.zeros(num_slots, n * rank, d_out, dtype=dtype, device=device)
+
+    def dense_operands(self, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots lo..lo+k-1 as the dense path's two matrices: A^T [d_in, k*n*R] and B_dense
+        [k*n*R, d_out]. Views of the stacks (slot writes show through), built once per (lo, k)
+        per allocation rather than 120 times a step."""
+        ops = self._dense_ops.get((lo, k))
+        if ops is None:
+            width = self.A.shape[1]
+            ops = self._dense_ops[(lo, k)] = (self.A[lo : lo + k].view(k * width, self.d_in).t(),
+                                              self.B_dense[lo : lo + k].view(k * width, -1))
+        return ops
 
     def refresh_dense(self, slot: int) -> None:
         """Rebuild slot ``slot`` of ``B_dense`` from ``Bt`` after the slot was written (packed
@@ -436,6 +448,7 @@ class Transformer:
         self._eps = torch.tensor(args.norm_eps, dtype=torch.float32, device=device)
         self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
         self._attn_scale = torch.tensor(args.head_dim ** -0.5, dtype=dtype, device=device)
+        self._cpu32 = device.type == "cpu" and dtype == torch.float32  # the CPU fast paths' precondition
 
     # ------------------------------------------------------------------ construction
 
@@ -536,10 +549,9 @@ class Transformer:
 
     def allocate_lora(self, num_slots: int, rank: int) -> None:
         """(Re)allocate every layer's LoRA stacks as zeros: ``num_slots`` slots of rank ``rank``."""
-        dense = self.device.type == "cpu"
         for layer in self.layers:
             for stack in layer.lora.values():
-                stack.allocate(num_slots, rank, self.dtype, self.device, dense=dense)
+                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._cpu32)
         self.num_lora_slots = num_slots
         self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
 
@@ -568,7 +580,8 @@ class Transformer:
         CPU layout counted)."""
         seen: set[int] = set()
         total = self.head.nbytes()
-        seen.add(self.head.w.data_ptr() if self.head.w is not None else 0)
+        if self.head.w is not None:  # a tied embedding is the head's matrix: counted once
+            seen.add(self.head.w.data_ptr())
         tensors = [self.tok_embeddings, self.norm]
         for L in self.layers:
             tensors += [L.attn_norm, L.wqkv_t, L.bqkv, L.wo_t, L.bo, L.ffn_norm, L.w13_t, L.b13, L.w2_t, L.b2]
@@ -614,7 +627,9 @@ class Transformer:
             rng = batch.decode_slot_range
             mask = batch.decode_mask
             slots_d = batch.decode_kv_slots
-            neg_mask = ~mask if mask is not None and Bd >= MANUAL_ATTENTION_MIN_ROWS else None
+            # written-out attention (see _decode_attention): decided once per step, with ~mask
+            manual = Bd >= MANUAL_ATTENTION_MIN_ROWS and self._cpu32
+            neg_mask = ~mask if manual and mask is not None else None
             scale = self._attn_scale
         decode_only = Bd == T
         NQK = H + K
@@ -641,11 +656,11 @@ class Transformer:
             index_put_(kc, kv_index, k)
             index_put_(vc, kv_index, v)
             if decode_only:
-                attn = self._decode_attention(qk, kc, vc, Bd, Ld, rng, slots_d, mask, K, G, D, neg_mask, scale)
+                attn = self._decode_attention(qk, kc, vc, Bd, Ld, rng, slots_d, mask, K, G, D, manual, neg_mask, scale)
             else:
                 attn = torch.empty(T, q_size, dtype=x.dtype, device=x.device)
                 if Bd:
-                    attn[:Bd] = self._decode_attention(qk[:Bd], kc, vc, Bd, Ld, rng, slots_d, mask, K, G, D, neg_mask, scale)
+                    attn[:Bd] = self._decode_attention(qk[:Bd], kc, vc, Bd, Ld, rng, slots_d, mask, K, G, D, manual, neg_mask, scale)
                 for slot, start, n, row in batch.prefills:
                     q = qk[row : row + n, :q_size].view(n, H, D).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
                     kk = kc[slot : slot + 1, :, : start + n]
@@ -697,32 +712,28 @@ class Transformer:
         were computed (a zero-B adapter was no longer bit-identical to the base model), so the
         shrink stays a matmul of its own.
         """
-        if dense is not None and st.B_dense is not None:
-            lo, k = dense
-            width = st.A.shape[1]
-            y = _proj(x, w_t, w_c, b)
-            h = torch.mm(x, st.A[lo : lo + k].view(k * width, -1).t())  # [T, k*n*R]
-            return add_lora_dense(y, h, st.B_dense[lo : lo + k].view(k * width, -1), meta, width, lo)
         y = _proj(x, w_t, w_c, b)
-        add_lora_packed(y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
-        return y
+        if dense is not None and st.B_dense is not None:
+            A_t, B_dense = st.dense_operands(*dense)
+            return add_lora_dense(y, torch.mm(x, A_t), B_dense, meta, st.A.shape[1], dense[0])
+        return add_lora_packed(y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
 
     @staticmethod
-    def _decode_attention(qk, kc, vc, Bd, L, rng, slots, mask, K, G, D, neg_mask, scale):
+    def _decode_attention(qk, kc, vc, Bd, L, rng, slots, mask, K, G, D, manual, neg_mask, scale):
         """Attention of Bd single-token queries over their cached contexts -> [Bd, H*D].
 
         GQA without repeating K/V: the G query heads sharing a kv head become G query rows.
-        From ``MANUAL_ATTENTION_MIN_ROWS`` decode rows on a CPU it is written out (two batched
-        matmuls and a softmax): measured on the 2-core CPU, 16 rows over 61 positions take ~210 us
-        against ~350 us in SDPA's flash kernel, which wins for a single row (~47 vs ~95 us).
-        ``neg_mask`` is ``~mask``, built once per step.
+        With ``manual`` (from ``MANUAL_ATTENTION_MIN_ROWS`` decode rows, CPU float32) it is written
+        out (two batched matmuls and a softmax): measured on the 2-core CPU, 16 rows over 61
+        positions take ~210 us against ~350 us in SDPA's flash kernel, which wins for a single row
+        (~47 vs ~95 us). ``neg_mask`` is ``~mask``, built once per step.
         """
         q = qk[:, : K * G * D].reshape(Bd, K, G, D)
         if rng is not None:
             kk, vv = kc[rng[0] : rng[1], :, :L], vc[rng[0] : rng[1], :, :L]
         else:
             kk, vv = kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
-        if Bd >= MANUAL_ATTENTION_MIN_ROWS and q.device.type == "cpu" and q.dtype == torch.float32:
+        if manual:
             s = torch.matmul(q, kk.transpose(-1, -2)).mul_(scale)  # [Bd, K, G, L]
             if neg_mask is not None:
                 s.masked_fill_(neg_mask, float("-inf"))

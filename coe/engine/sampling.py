@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-# A temperature or top_p below this means "the most likely token" (vLLM's _SAMPLING_EPS): below
-# float32's range such values become 0, and logits / 0 or an empty nucleus would break sampling.
-SAMPLING_EPS = 1e-5
+from coe.types import SAMPLING_EPS
 
 
 @dataclass

@@ -27,51 +27,38 @@ from typing import Any, Callable
 
 import torch
 
-_libgomp: Any = None
-_libmkl: Any = None
+_libs: dict[str, Any] = {}
 
 
-def _gomp() -> Any:
-    """torch's bundled libgomp (the one its parallel regions use), or None (another backend)."""
-    global _libgomp
-    if _libgomp is None:
-        _libgomp = False
-        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-        if "OpenMP" in torch.__config__.parallel_info() and os.path.exists(path):
-            try:
-                _libgomp = ctypes.CDLL(path)
-            except OSError:
-                pass
-    return _libgomp or None
-
-
-def _mkl() -> Any:
-    """libtorch_cpu, when it exports MKL's per-thread ``MKL_Set_Num_Threads_Local``, else None."""
-    global _libmkl
-    if _libmkl is None:
-        _libmkl = False
-        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+def _torch_lib(filename: str, symbol: str, *, openmp: bool = False) -> Any:
+    """The library ``torch/lib/<filename>`` if it is present and exports ``symbol`` (and, with
+    ``openmp``, torch's parallel backend is OpenMP), else None; looked up once. Loading it again
+    returns the copy torch already uses."""
+    if filename not in _libs:
+        _libs[filename] = None
+        if openmp and "OpenMP" not in torch.__config__.parallel_info():
+            return None
         try:
-            lib = ctypes.CDLL(path)
-            lib.MKL_Set_Num_Threads_Local  # noqa: B018 - raises AttributeError when absent
-            _libmkl = lib
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", filename))
+            getattr(lib, symbol)
+            _libs[filename] = lib
         except (OSError, AttributeError):
             pass
-    return _libmkl or None
+    return _libs[filename]
 
 
 def compute_on_one_thread() -> None:
     """Make the calling thread's torch work run on itself alone: its OpenMP regions and its MKL
     GEMMs start no worker pool.
 
-    Only this thread changes (``omp_set_num_threads`` and ``mkl_set_num_threads_local`` are per
+    Only this thread changes (``omp_set_num_threads`` and ``MKL_Set_Num_Threads_Local`` are per
     thread); torch's process-wide thread count is untouched. A no-op where torch uses neither.
     """
     torch.get_num_threads()  # let torch apply its per-thread default first, then override it
-    lib = _gomp()
-    if lib is not None:
-        lib.omp_set_num_threads(1)
-    mkl = _mkl()
+    gomp = _torch_lib("libgomp.so.1", "omp_set_num_threads", openmp=True)
+    if gomp is not None:
+        gomp.omp_set_num_threads(1)
+    mkl = _torch_lib("libtorch_cpu.so", "MKL_Set_Num_Threads_Local")
     if mkl is not None:
         mkl.MKL_Set_Num_Threads_Local(1)  # the by-value C entry (the lower-case alias takes a pointer)
 
