@@ -327,6 +327,64 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
 
 
+def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 15, log: Any = print) -> dict[str, Any]:
+    """Milliseconds of single forward steps (no scheduler, sampling or threads in between), for
+    the engine's design choices rather than the issue's goals: decode steps of 1 and 16 sequences
+    (context 60) on the base model, one adapter, and 8 adapters, each with the dense LoRA path on
+    and off (``dense``/``packed``), and the column-block projections on and off (``blocks``/``mm``,
+    base model). Cases take turns within each iteration; the median per case is reported.
+    The steps run on a helper thread, as in the engine (see ``coe.engine.threads``).
+    """
+    from coe.engine import Engine
+    from coe.engine import model as M
+    from coe.engine.batch import Decode, build_step
+
+    torch.set_num_threads(threads)
+    engine = Engine.from_pretrained(model, dtype="float32", device="cpu", max_batch=16, max_loras=NUM_ADAPTERS,
+                                    max_seq_len=PROMPT_TOKENS + 128)
+    tmp = Path(tempfile.mkdtemp(prefix="coe-steps-"))
+    paths = run_in_fresh_thread(lambda: (compute_on_one_thread(), _make_adapters(engine.model.args, tmp, NUM_ADAPTERS, engine.model_id))[1])
+    names = [f"a{i}" for i in range(NUM_ADAPTERS)]
+    for n, p in zip(names, paths):
+        engine.load_adapter(n, p)
+    engine.generate("warm up", adapter=names[0], max_tokens=1)  # makes every adapter resident
+    slots = [engine.registry.slot_of(n) for n in names]
+    engine.shutdown()
+    net, kv = engine.model, engine.kv
+    cases = {
+        "single_base": ([-1], {}), "single_base_mm": ([-1], {"CHUNK_MAX_ROWS": 0}),
+        "single_dense": ([slots[0]], {}), "single_packed": ([slots[0]], {"DENSE_LORA_MAX_SLOTS": 0}),
+        "base16": ([-1] * 16, {}), "base16_mm": ([-1] * 16, {"CHUNK_MAX_ROWS": 0}),
+        "uniform16_dense": ([slots[0]] * 16, {}), "uniform16_packed": ([slots[0]] * 16, {"DENSE_LORA_MAX_SLOTS": 0}),
+        "mixed16": ([slots[i % NUM_ADAPTERS] for i in range(16)], {}),
+    }
+    defaults = {"CHUNK_MAX_ROWS": M.CHUNK_MAX_ROWS, "DENSE_LORA_MAX_SLOTS": M.DENSE_LORA_MAX_SLOTS}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+
+    def run() -> None:
+        for t in kv.k + kv.v:
+            t.zero_()
+        for it in range(iterations + 2):
+            for name, (lora_slots, knobs) in cases.items():
+                for k, v in {**defaults, **knobs}.items():
+                    setattr(M, k, v)
+                b = build_step([Decode(i, 60, 100 + i, s) for i, s in enumerate(lora_slots)], [],
+                               num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+                t0 = time.perf_counter()
+                net.forward(b, kv.k, kv.v)
+                if it >= 2:  # two warm-up rounds
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        for k, v in defaults.items():
+            setattr(M, k, v)
+
+    log(f"timing {len(cases)} step cases, {iterations} rounds...")
+    run_in_fresh_thread(run)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"threads": threads, "iterations": iterations, "step_ms": {k: round(_median(v), 1) for k, v in times.items()}}
+
+
 GOALS = {"single_stream_speedup": (">=", 2.5), "mixed16_speedup": (">=", 3.0), "heterogeneity_ratio": (">=", 0.95),
          "lora_vs_base_ratio": (">=", 0.95), "adapter_switch_ms": ("<", 1.0), "cold_load_ms": ("<", 100.0),
          "itl_p99_during_load_ratio": ("<", 2.0)}
@@ -355,7 +413,7 @@ def main(args: Any) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m coe.engine.bench [--quick]
+if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps]
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -366,4 +424,12 @@ if __name__ == "__main__":  # python -m coe.engine.bench [--quick]
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
-    sys.exit(main(ap.parse_args()))
+    ap.add_argument("--steps", action="store_true", help="time single forward steps of the design's variants instead")
+    a = ap.parse_args()
+    if a.steps:
+        out = step_times(a.model, threads=a.threads, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(out, indent=2))
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=2))
+        sys.exit(0)
+    sys.exit(main(a))

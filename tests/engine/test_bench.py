@@ -27,3 +27,13 @@ def test_bench_engine_writes_all_keys(tmp_path, tiny_dir, capsys):
     assert res["single_stream_tok_s"] > 0 and res["cold_load_ms"] > 0
     printed = capsys.readouterr().out
     assert "mixed16_speedup" in printed and "goal >= 3.0" in printed
+
+
+def test_step_times_runs_every_variant_and_restores_the_knobs(tiny_dir):
+    from coe.engine import model as M
+
+    before = (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS)
+    res = bench.step_times(str(tiny_dir), threads=1, iterations=2, log=lambda m: None)
+    assert set(res["step_ms"]) >= {"single_base", "single_dense", "single_packed", "base16_mm", "mixed16"}
+    assert all(v > 0 for v in res["step_ms"].values())
+    assert (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS) == before
