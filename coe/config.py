@@ -251,6 +251,9 @@ class BaseModelConfig:
         dtype: ``auto`` (fp32 on CPU, bf16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: torch intra-op threads on CPU (``null``: torch's default).
+        gguf_blocks: ``auto`` keeps a GGUF model's own Q4_1/Q8_0 blocks beside its float32
+            weights on a CPU and decodes small batches on them (the same weights in a fifth
+            of the bytes; needs a C compiler, built once); ``off`` uses float32 only.
         url: remote backend base URL, e.g. ``http://127.0.0.1:8001/v1``.
         api_key: remote backend key (prefer ``api_key_env``).
         api_key_env: environment variable holding the remote backend key.
@@ -264,6 +267,7 @@ class BaseModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     threads: int | None = None
+    gguf_blocks: Literal["auto", "off"] = "auto"
     url: str | None = None
     api_key: str | None = None
     api_key_env: str | None = None

@@ -105,7 +105,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, dtype: Any = None, device: Any = None, *,
                         revision: str | None = None, threads: int | None = None, model_id: str | None = None,
-                        serving: ServingConfig | None = None, **serving_overrides: Any) -> "Engine":
+                        serving: ServingConfig | None = None, gguf_blocks: str = "auto",
+                        **serving_overrides: Any) -> "Engine":
         """Load a base model.
 
         Args:
@@ -116,6 +117,8 @@ class Engine:
             revision: hub revision for hub ids.
             threads: torch intra-op threads (process-wide), None leaves torch's setting.
             model_id: the served name (default: derived like ``base_model.id``).
+            gguf_blocks: ``auto`` (a GGUF model decodes few-row steps on its own quantized blocks
+                on a CPU in float32: ``coe.engine.quantized``) or ``off``.
             serving: engine limits (default ``ServingConfig()``).
             **serving_overrides: ``ServingConfig`` fields to change, e.g. ``max_batch=8``.
 
@@ -132,7 +135,10 @@ class Engine:
             torch.set_num_threads(int(threads))
         files = resolve_model(model, revision=revision)
         # on a thread that then exits, so that its OpenMP workers go with it (coe.engine.threads)
-        net, hf_config = run_in_fresh_thread(lambda: load_model(files.path, dtype=dt, device=dev, max_seq_len=serving.max_seq_len))
+        if gguf_blocks not in ("auto", "off"):
+            raise ConfigError(f"base_model.gguf_blocks: {gguf_blocks!r} is not one of 'auto', 'off'", param="base_model.gguf_blocks")
+        net, hf_config = run_in_fresh_thread(lambda: load_model(files.path, dtype=dt, device=dev, max_seq_len=serving.max_seq_len,
+                                                                gguf=files.gguf, block_weights=gguf_blocks == "auto"))
         from transformers import AutoTokenizer
 
         try:
@@ -162,7 +168,7 @@ class Engine:
             local = cfg.resolve_path(b.model)
             model = str(local) if local.exists() else b.model
         engine = cls.from_pretrained(model, dtype=b.dtype, device=b.device, revision=b.revision, threads=b.threads,
-                                     model_id=b.served_id, serving=cfg.serving)
+                                     model_id=b.served_id, serving=cfg.serving, gguf_blocks=b.gguf_blocks)
         for e in cfg.experts:
             if e.adapter:
                 local = cfg.resolve_path(e.adapter)

@@ -50,11 +50,14 @@ class ModelFiles:
         path: the HF-format folder holding config.json, safetensors and tokenizer files.
         source: what the user gave (folder, hub id or .gguf path; the embedded GGUF for None).
         names: names that identify this model, for checking an adapter's ``base_model_name_or_path``.
+        gguf: the GGUF file ``path`` was converted from, or None (its quantized blocks serve
+            few-row steps: ``coe.engine.quantized``).
     """
 
     path: Path
     source: str
     names: tuple[str, ...]
+    gguf: Path | None = None
 
 
 def cache_root() -> Path:
@@ -98,11 +101,11 @@ def resolve_model(model: str | os.PathLike[str] | None, *, revision: str | None 
 
     if model is None:
         gguf = Path(embedded_gguf_path())
-        return ModelFiles(gguf_to_hf_dir(gguf), str(gguf), ("SmolLM2-135M-Instruct", gguf.name))
+        return ModelFiles(gguf_to_hf_dir(gguf), str(gguf), ("SmolLM2-135M-Instruct", gguf.name), gguf)
     src = str(model)
     p = Path(os.path.expanduser(src))
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return ModelFiles(gguf_to_hf_dir(p), src, (p.name, _gguf_name(p)))
+        return ModelFiles(gguf_to_hf_dir(p), src, (p.name, _gguf_name(p)), p)
     if p.is_dir():
         _check_hf_dir(p, src)
         return ModelFiles(p, src, (p.name, _config_name(p)))
@@ -254,13 +257,17 @@ def tensor_reader(path: Path) -> tuple[Callable[[str], torch.Tensor | None], Cal
     return get, close
 
 
-def load_model(path: Path, *, dtype: torch.dtype, device: torch.device, max_seq_len: int | None = None) -> tuple[Any, Any]:
+def load_model(path: Path, *, dtype: torch.dtype, device: torch.device, max_seq_len: int | None = None,
+               gguf: Path | None = None, block_weights: bool = True) -> tuple[Any, Any]:
     """Build the engine's model from an HF folder.
 
     Args:
         path: the folder (config.json + safetensors).
         dtype / device: of the weights.
         max_seq_len: positions to support; capped at the model's context (and sliding window).
+        gguf: the GGUF file ``path`` was converted from (``path`` is then its cache folder).
+        block_weights: with ``gguf``, on a CPU in float32, also keep the file's Q4_1/Q8_0
+            blocks for few-row steps (``Transformer.attach_blocks``; the same weights).
 
     Returns:
         ``(model, hf_config)``: a :class:`~coe.engine.model.Transformer` and the transformers config.
@@ -288,6 +295,18 @@ def load_model(path: Path, *, dtype: torch.dtype, device: torch.device, max_seq_
         raise ConfigError(f"base_model.model: {path}: {exc}", param="base_model.model") from exc
     finally:
         close()
+    if gguf is not None and block_weights and model._cpu32:
+        from coe.engine.quantized import gguf_blocks, unavailable_reason
+
+        why = unavailable_reason()
+        if why is not None:
+            logger.warning("decode steps run on float32 weights only: the block kernels are unavailable (%s)", why)
+        else:
+            report = model.attach_blocks(gguf_blocks(gguf, path))
+            if report["rejected"]:
+                logger.warning("%d matrices of %s did not match their float32 weights bit for bit and run in float32: %s",
+                               len(report["rejected"]), gguf.name, ", ".join(report["rejected"][:4]))
+            logger.info("%d matrices also kept as GGUF blocks for few-row steps (%.0f MB)", report["matrices"], report["bytes"] / 2**20)
     return model, hf_config
 
 

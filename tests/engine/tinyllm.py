@@ -82,3 +82,44 @@ def save_adapter(base: Any, path: Path, *, r: int = 4, alpha: float = 8, targets
                     p.normal_(0, 0.1)
     peft_model.save_pretrained(str(path))
     return path
+
+
+def quantize_blocks(w: torch.Tensor, kind: str) -> Any:
+    """``w`` [N, K] rounded to GGUF blocks (``q4_1`` like llama.cpp: m = block min, d = range / 15,
+    both float16; ``q8_0``: d = absmax / 127) as a ``BlockWeight``; its ``dequantize()`` is the
+    matrix a model built from it holds."""
+    from coe.engine.quantized import BlockWeight
+
+    n, k = w.shape
+    b = w.detach().float().reshape(n, k // 32, 32)
+    if kind == "q4_1":
+        m = b.amin(-1).half().float()
+        d = ((b.amax(-1) - m) / 15).half().float().clamp_min(1e-4)
+        q = ((b - m[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.uint8)
+        qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
+        return BlockWeight(kind, qs.contiguous(), torch.stack([d, m], dim=-1).contiguous())
+    d = (b.abs().amax(-1) / 127).half().float().clamp_min(1e-4)
+    q = (b / d[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return BlockWeight(kind, q.reshape(n, k).contiguous(), d.contiguous())
+
+
+def save_tiny_block_model(path: Path, config: Any, seed: int = 0) -> dict[str, Any]:
+    """A tiny model whose projections are exactly Q4_1 blocks and whose embeddings (tied head) are
+    Q8_0, as in a GGUF file; returns the blocks by checkpoint name (``Transformer.attach_blocks``)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    blocks: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                continue
+            p.normal_(0, 0.08)
+            if p.dim() == 2 and (name.endswith("proj.weight") or name == "model.embed_tokens.weight"):
+                bw = quantize_blocks(p, "q8_0" if "embed" in name else "q4_1")
+                p.copy_(bw.dequantize())
+                blocks[name] = bw
+    model.save_pretrained(str(path))
+    byte_tokenizer().save_pretrained(str(path))
+    return blocks

@@ -1,0 +1,156 @@
+/* Few-row products with block-quantized weights, for the engine's CPU decode steps.
+ *
+ * y[M, N] = x[M, K] @ W^T where W [N, K] is stored in GGUF's blocks of 32 along K:
+ *   Q4_1: w = d * q + m, q in 0..15 (16 bytes of nibbles: byte j holds elements j and j + 16)
+ *   Q8_0: w = d * q,     q in -128..127
+ * with d and m kept as float32 (widened exactly from the file's float16).
+ *
+ * Why hand-written (see coe/engine/quantized.py): torch has no CPU kernel for these formats that is
+ * fast on AVX2 (its int4 kernel takes ~10x the float32 GEMV's time here), and a decode step on
+ * a 2-core CPU is bound by reading weights: Q4_1 reads 0.75 bytes per weight against float32's 4.
+ *
+ * Exactness: the GGUF dequantizer that built the float32 checkpoint forms each weight as
+ * fl(fl(q * d) + m). Here a Q4_1 weight is fma(q, d, m) = fl(q * d + m), the same value: d is a
+ * float16 (11 significant bits) and q < 16 (4 bits), so q * d has at most 15 significant bits
+ * and is exact in float32; the single rounding of the sum is then the only one either way. A
+ * Q8_0 weight, q * d (at most 19 bits), is exact too. So the weights are bit for bit the
+ * float32 model's (coe.engine.quantized checks every matrix against them when attaching), and
+ * only the order of the dot products' additions differs from a float32 GEMM.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define QK 32
+#define MAX_ROWS 8
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* One output element per row of the tile, for MT rows of x (MT a compile-time constant after
+ * inlining, so acc[] stays in registers). */
+static inline __attribute__((always_inline)) void q41_row(
+    const uint8_t *qs, const float *dm, const float *x, long ldx, float *y, long ldy,
+    long n, long nb, const int MT)
+{
+    /* NA independent accumulators per row: one chain of FMAs per row would wait on the FMA
+     * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
+    const int NA = MT <= 2 ? 4 : (MT <= 4 ? 2 : 1);
+    __m256 acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();
+    const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma GCC unroll 2
+    for (long b = 0; b < nb; b++) {
+        const __m256 d = _mm256_broadcast_ss(dm + 2 * b), m = _mm256_broadcast_ss(dm + 2 * b + 1);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + 16 * b));
+        const __m128i lo = _mm_and_si128(raw, mask);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
+        const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
+        const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
+        const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
+        const float *xb = x + QK * b;
+#pragma GCC unroll 8
+        for (int r = 0; r < MT; r++) {
+            const float *xr = xb + r * ldx;
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+            acc[r][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1 % NA]);
+            acc[r][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2 % NA]);
+            acc[r][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3 % NA]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        __m256 a = acc[r][0];
+        if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
+        if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
+        y[r * ldy + n] = hsum(a);
+    }
+}
+
+static inline __attribute__((always_inline)) void q80_row(
+    const int8_t *qs, const float *dd, const float *x, long ldx, float *y, long ldy,
+    long n, long nb, const int MT)
+{
+    /* NA independent accumulators per row: one chain of FMAs per row would wait on the FMA
+     * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
+    const int NA = MT <= 2 ? 4 : (MT <= 4 ? 2 : 1);
+    __m256 acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        const __m256 d = _mm256_broadcast_ss(dd + b);
+        const int8_t *q = qs + QK * b;
+        const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), d);
+        const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)))), d);
+        const __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16)))), d);
+        const __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)))), d);
+        const float *xb = x + QK * b;
+#pragma GCC unroll 8
+        for (int r = 0; r < MT; r++) {
+            const float *xr = xb + r * ldx;
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+            acc[r][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1 % NA]);
+            acc[r][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2 % NA]);
+            acc[r][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3 % NA]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        __m256 a = acc[r][0];
+        if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
+        if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
+        y[r * ldy + n] = hsum(a);
+    }
+}
+
+#define TILE_CASES(FN, ...) \
+    switch (mt) { \
+    case 1: FN(__VA_ARGS__, 1); break; case 2: FN(__VA_ARGS__, 2); break; \
+    case 3: FN(__VA_ARGS__, 3); break; case 4: FN(__VA_ARGS__, 4); break; \
+    case 5: FN(__VA_ARGS__, 5); break; case 6: FN(__VA_ARGS__, 6); break; \
+    case 7: FN(__VA_ARGS__, 7); break; default: FN(__VA_ARGS__, 8); break; }
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T, W in Q4_1: qs [N, K/2], dm [N, K/32, 2]. */
+void coe_q41_matmul(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
+                    long M, long N, long K, int nthreads)
+{
+    const long nb = K / QK;
+    for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
+        const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+        const float *xt = x + r0 * ldx;
+        float *yt = y + r0 * ldy;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (long n = 0; n < N; n++) {
+            TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, xt, ldx, yt, ldy, n, nb)
+        }
+    }
+}
+
+/* The same for Q8_0: qs [N, K] int8, d [N, K/32]. */
+void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, float *y, long ldy,
+                    long M, long N, long K, int nthreads)
+{
+    const long nb = K / QK;
+    for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
+        const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+        const float *xt = x + r0 * ldx;
+        float *yt = y + r0 * ldy;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (long n = 0; n < N; n++) {
+            TILE_CASES(q80_row, qs + n * K, d + n * nb, xt, ldx, yt, ldy, n, nb)
+        }
+    }
+}
+
+int coe_native_abi(void) { return 1; }

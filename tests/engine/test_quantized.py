@@ -1,0 +1,180 @@
+"""The GGUF block kernels (``coe.engine.quantized``): exact weights, products within float32
+rounding of the float32 model's, and an engine that decodes on them with the same outputs,
+adapters and batching guarantees as on float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tinyllm import quantize_blocks, save_tiny_block_model, tiny_config
+
+from coe.engine import model as M
+from coe.engine.quantized import BlockWeight, native_library, unavailable_reason
+
+needs_native = pytest.mark.skipif(native_library() is None, reason=f"block kernels unavailable: {unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def block_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-blocks")
+    blocks = save_tiny_block_model(path, tiny_config(tie=True))
+    return path, blocks
+
+
+def _random_blocks(kind: str, n: int, k: int, seed: int) -> BlockWeight:
+    g = torch.Generator().manual_seed(seed)
+    return quantize_blocks(torch.randn(n, k, generator=g), kind)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 19])
+def test_product_matches_dequantized_matrix(kind, rows):
+    w = _random_blocks(kind, 37, 96, seed=rows)  # odd N; K = 3 blocks
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(100 + rows))
+    want = x.double() @ w.dequantize().double().t()
+    got = w.matmul(x)
+    assert got.shape == (rows, 37) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_kernel_forms_the_float32_weights_bit_for_bit(kind):
+    """One-hot rows read single weights back out of the kernel: each must equal the float32
+    matrix exactly (the products' sums are then the only place rounding can differ)."""
+    w = _random_blocks(kind, 24, 64, seed=7)
+    got = w.matmul(torch.eye(64)).t()  # [N, K], 8-row tiles of one-hot rows
+    assert torch.equal(got, w.dequantize())
+
+
+@needs_native
+def test_strided_rows_and_threads():
+    w = _random_blocks("q4_1", 40, 64, seed=3)
+    x = torch.randn(6, 128)[:, ::2]  # non-contiguous input
+    want = x @ w.dequantize().t()
+    torch_threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.allclose(w.matmul(x), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+@needs_native
+def test_tiny_engine_attaches_every_matrix_and_agrees_with_float32(engine_factory, block_model):
+    from coe.engine.batch import Decode, Prefill, build_step
+
+    path, blocks = block_model
+    engine = engine_factory(path)
+    report = engine.model.attach_blocks(blocks)
+    layers = engine.model.layers
+    assert report["rejected"] == [] and report["matrices"] == 4 * len(layers) + 1
+    assert all(L.wqkv_q is not None and L.w2_q is not None for L in layers) and engine.model.head.q is not None
+
+    net, kv = engine.model, engine.kv
+    slot = kv.allocate()
+    ids = list(range(40, 60))
+    step = build_step([], [Prefill(slot, 0, ids, -1, True)], num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+    net.forward(step, kv.k, kv.v)  # 20 rows: float32 path
+
+    def decode() -> torch.Tensor:
+        b = build_step([Decode(slot, len(ids), 61, -1)], [], num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+        return net.forward(b, kv.k, kv.v)
+
+    on_blocks = decode()
+    old = M.BLOCK_MAX_ROWS
+    M.BLOCK_MAX_ROWS = 0
+    try:
+        on_float32 = decode()
+    finally:
+        M.BLOCK_MAX_ROWS = old
+    kv.release(slot)
+    assert (on_blocks - on_float32).abs().max() < 1e-4
+
+
+@needs_native
+def test_mismatched_blocks_are_rejected_not_used(engine_factory, block_model):
+    path, blocks = block_model
+    engine = engine_factory(path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    bad = dict(blocks)
+    scales = blocks[name].scales.clone()
+    scales[0, 0, 0] *= 2  # one block's d differs from the checkpoint
+    bad[name] = BlockWeight("q4_1", blocks[name].qs, scales)
+    report = engine.model.attach_blocks(bad)
+    assert report["rejected"] == [name]
+    assert engine.model.layers[1].w2_q is None and engine.model.layers[1].w13_q is not None
+
+
+@needs_native
+def test_greedy_outputs_with_adapters_match_float32_and_batching(engine_factory, block_model, adapter_factory):
+    """Requests on two adapters and the base, alone and concurrently, on blocks: each gets the
+    same tokens as on the float32 weights (same weights; only summation order differs), and a
+    neighbour never changes a request's output."""
+    import threading
+
+    path, blocks = block_model
+    from tinyllm import save_adapter
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ad = {n: save_adapter(hf, path.parent / f"blk-{n}", r=4, targets="all-linear", seed=s) for n, s in (("a", 1), ("b", 2))}
+    prompts = [("hello there", "a"), ("the sea is", "b"), ("numbers 1 2 3", None)]
+
+    def run(engine, concurrent: bool) -> list[list[int]]:
+        outs: list[list[int] | None] = [None] * len(prompts)
+
+        def one(i: int) -> None:
+            p, a = prompts[i]
+            outs[i] = engine.generate(p, adapter=a, max_tokens=12, temperature=0.0, ignore_eos=True).token_ids
+
+        if concurrent:
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for i in range(len(prompts)):
+                one(i)
+        return outs
+
+    results = {}
+    for blocks_on in (True, False):
+        engine = engine_factory(path)
+        for n, p in ad.items():
+            engine.load_adapter(n, p)
+        if blocks_on:
+            assert engine.model.attach_blocks(blocks)["matrices"] > 0
+        results[blocks_on] = (run(engine, False), run(engine, True))
+    alone, together = results[True]
+    assert alone == together
+    assert alone == results[False][0]
+
+
+def test_unavailable_kernels_leave_float32(monkeypatch, engine_factory, block_model):
+    path, blocks = block_model
+    monkeypatch.setenv("COE_NATIVE", "0")
+    native_library.cache_clear()
+    try:
+        assert native_library() is None and "COE_NATIVE" in unavailable_reason()
+        engine = engine_factory(path)
+        assert engine.model.attach_blocks(blocks)["matrices"] == 0
+        assert engine.model.layers[0].wqkv_q is None
+        assert engine.generate("hi", max_tokens=3).completion_tokens == 3
+    finally:
+        monkeypatch.delenv("COE_NATIVE")
+        native_library.cache_clear()
+
+
+def test_config_rejects_unknown_gguf_blocks_value(tmp_path):
+    from coe.config import load_config
+    from coe.errors import ConfigError
+
+    cfg = tmp_path / "experts.yaml"
+    cfg.write_text("base_model:\n  gguf_blocks: always\nexperts:\n  - name: base\n    adapter: null\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "gguf_blocks" in str(err.value) and "auto" in str(err.value)
