@@ -10,12 +10,16 @@ no token has an adapter returns at once, before any check (``meta.any_lora`` is 
 there is no sync; shapes are then checked on the first step that uses an adapter).
 
 Backends (``kernels/README.md`` has the measurements):
-    ``"torch"``      production path on CPU (and fallback on GPU): ``kernels.torch_ops``.
+    ``"native"``     C (AVX2 + FMA + OpenMP) for few-token float32 CPU steps, the decode path:
+                     ``kernels.native_ops``; built once with the machine's C compiler
+                     (``kernels.native``), other calls and machines fall through to "torch".
+    ``"torch"``      CPU path for prefill-sized steps (and fallback on GPU): ``kernels.torch_ops``.
     ``"triton"``     fused gathered shrink/expand GPU kernels: ``kernels.triton_ops``. Also runs on
                      CPU tensors under ``TRITON_INTERPRET=1`` (slowly: for tests only).
     ``"reference"``  float64 per-token oracle: ``kernels.reference``.
 The default (``backend=None``) is chosen once, on first use: "triton" if CUDA and Triton are
-available, else "torch"; CPU tensors always go to "torch" under the default. Override it per
+available, else "torch"; CPU tensors always go to "native" (hence "torch" where it does not
+apply) under the default. Override it per
 call with ``backend=`` or for the process with :func:`set_backend` (tests do).
 
 Contract with the caller (the engine):
@@ -53,7 +57,7 @@ from kernels.meta import LoRAMeta
 
 __all__ = ["add_lora", "add_lora_packed", "add_lora_dense", "LoRAMeta", "set_backend", "get_backend", "BACKENDS"]
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "native", "torch", "triton")
 
 _override: str | None = None  # set_backend()
 _auto: str | None = None  # resolved once, on first use
@@ -63,7 +67,7 @@ def set_backend(name: str | None) -> None:
     """Force one backend for every call that passes ``backend=None`` (``None`` restores auto).
 
     Args:
-        name: ``"reference"``, ``"torch"``, ``"triton"`` or ``None``.
+        name: ``"reference"``, ``"native"``, ``"torch"``, ``"triton"`` or ``None``.
 
     Raises:
         ValueError: an unknown name.
@@ -75,7 +79,7 @@ def set_backend(name: str | None) -> None:
 
 
 def get_backend() -> str:
-    """The backend ``backend=None`` resolves to for CUDA tensors (CPU tensors use "torch" under auto)."""
+    """The backend ``backend=None`` resolves to for CUDA tensors (CPU tensors use "native" under auto)."""
     global _auto
     if _override is not None:
         return _override
@@ -126,7 +130,7 @@ def add_lora_packed(
             [T] of slots (-1 = no adapter), from which one is built on the spot.
         scale: a float, a tensor [S] (per slot), or a tensor [n, S] (per slice and slot).
         output_slices: the widths ``d_i`` of the packed projections, e.g. (576, 192, 192).
-        backend: None (auto), "reference", "torch" or "triton".
+        backend: None (auto), "reference", "native", "torch" or "triton".
 
     Returns:
         ``y``, the same tensor, updated.
@@ -168,7 +172,7 @@ def add_lora(
         B: [S, d_out, r].
         slots_or_meta: the step's ``LoRAMeta``, or an int tensor [T] of slots (-1 = no adapter).
         scale: a float, or a tensor [S] (``lora_alpha / r`` per slot, or rsLoRA's ``alpha / sqrt(r)``).
-        backend: None (auto), "reference", "torch" or "triton".
+        backend: None (auto), "reference", "native", "torch" or "triton".
 
     Returns:
         ``y``, the same tensor, updated.
@@ -230,9 +234,13 @@ def add_lora_dense(y: torch.Tensor, h: torch.Tensor, B_dense: torch.Tensor, meta
 def _dispatch(backend: str | None, y: torch.Tensor):
     """The backend module for this call (each exposes ``add_lora_packed`` with one signature)."""
     if backend is None:
-        backend = _override if _override is not None else (get_backend() if y.is_cuda else "torch")
+        backend = _override if _override is not None else (get_backend() if y.is_cuda else "native")
     if backend == "torch":
         return torch_ops
+    if backend == "native":
+        from kernels import native_ops
+
+        return native_ops
     if backend == "triton":
         from kernels import triton_ops
 

@@ -12,7 +12,7 @@ bit-for-bit those of the float32 model (checked for every matrix when it is atta
 differs is not used); only the dot products' summation order differs from MKL's.
 
 Why a hand-written kernel (``native/qmatmul.c``, AVX2 + FMA + OpenMP, built once with the
-machine's C compiler into the cache): torch has no fast CPU kernel for these layouts. Measured
+machine's C compiler into the cache by ``kernels.native``): torch has no fast CPU kernel for these layouts. Measured
 on the 2-core AVX2 CPU (median over 60 distinct copies of a [1536, 576] matrix, so none is
 cached): torch's ``_weight_int4pack_mm_for_cpu`` takes ~1 ms per row (10x float32's GEMV) and
 ``_weight_int8pack_mm`` 0.8 ms; our Q4_1 kernel 0.09 ms at 1 row and 0.33 ms at 16 rows against
@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,77 +37,36 @@ from typing import Any
 
 import torch
 
+from kernels import native
+
 logger = logging.getLogger("coe.engine")
 
 QK = 32  # GGUF block size of Q4_1 and Q8_0
 KINDS = ("q4_1", "q8_0")
 _SRC = Path(__file__).with_name("native") / "qmatmul.c"
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 _ABI = 1
-_why_unavailable: list[str] = []
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-@functools.cache
-def native_library() -> Any:
-    """The compiled kernels (a ``ctypes.CDLL``), built once into ``<cache>/native/``; None when
-    they cannot be used here (the reason is in :func:`unavailable_reason`)."""
-    from coe.engine.weights import cache_root
-
-    def no(why: str) -> None:
-        _why_unavailable.append(why)
-        return None
-
-    if os.environ.get("COE_NATIVE", "1").strip() in ("0", "false", "off", "no"):
-        return no("COE_NATIVE=0")
-    flags = _cpu_flags()
-    if not {"avx2", "fma", "f16c"} <= flags:
-        return no("the CPU lacks AVX2/FMA (or /proc/cpuinfo is unreadable)")
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        return no("no C compiler (gcc or $CC) to build coe/engine/native/qmatmul.c")
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
-    out = cache_root() / "native" / f"qmatmul-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                return no(f"{cc} failed to build {_SRC.name}: {proc.stderr.strip()[-400:]}")
-            os.replace(tmp, out)  # atomic: a concurrent build ends with one complete file
-        except (OSError, subprocess.SubprocessError) as exc:
-            return no(f"could not run {cc}: {exc}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    try:
-        lib = ctypes.CDLL(str(out))  # torch is imported, so libgomp.so.1 resolves to torch's copy
-    except OSError as exc:
-        return no(f"could not load {out}: {exc}")
+def _setup(lib: ctypes.CDLL) -> bool:
     if lib.coe_native_abi() != _ABI:
-        return no(f"{out} is from another version of qmatmul.c")
+        return False
     P, L = ctypes.c_void_p, ctypes.c_long
     for fn in (lib.coe_q41_matmul, lib.coe_q80_matmul):
         fn.argtypes = [P, L, P, P, P, L, L, L, L, ctypes.c_int]
         fn.restype = None
-    return lib
+    return True
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The compiled block kernels (built once into the cache by ``kernels.native``), or None
+    when they cannot be used here (the reason is in :func:`unavailable_reason`)."""
+    return native.load(_SRC, _setup)
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`native_library` returned None, or None when it is available."""
-    return None if native_library() is not None else (_why_unavailable[-1] if _why_unavailable else "unknown")
+    return None if native_library() is not None else native.unavailable_reason(_SRC)
 
 
 @dataclass

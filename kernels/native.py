@@ -1,0 +1,102 @@
+"""Build and load the project's C kernels (``kernels/native/*.c``, ``coe/engine/native/*.c``).
+
+Each source is compiled once, with the machine's C compiler (``$CC``, else ``gcc``/``cc``), into
+``$COE_CACHE_DIR/native`` (default ``~/.cache/coe/native``) under a name keyed by the source's
+hash and the flags, and loaded with ``ctypes``. Nothing is compiled at install time, so the
+project installs anywhere; where a library cannot be built or loaded (no compiler, a CPU
+without AVX2/FMA, ``COE_NATIVE=0``) :func:`load` returns None, :func:`unavailable_reason`
+says why, and callers keep their torch paths.
+
+The libraries are built with ``-fopenmp`` and link ``libgomp.so.1``; loaded after torch, that
+soname resolves to the copy torch already loaded, so they share torch's OpenMP workers instead
+of starting a second pool (two pools on two cores slow each other down).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch  # noqa: F401  (loaded first: libgomp.so.1 must resolve to torch's copy)
+
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
+_why: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COE_CACHE_DIR") or Path.home() / ".cache" / "coe") / "native"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def disabled() -> bool:
+    """``COE_NATIVE=0`` (or false/off/no) turns every C kernel off."""
+    return os.environ.get("COE_NATIVE", "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def load(src: Path, setup: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+    """Compile ``src`` once (cached) and load it; ``setup(lib)`` declares the functions' argument
+    types and returns False when the library does not match (an ABI check). None when the
+    library cannot be used here (see :func:`unavailable_reason`)."""
+    key = str(src)
+    _why.pop(key, None)
+
+    def no(why: str) -> None:
+        _why[key] = why
+        return None
+
+    if disabled():
+        return no("COE_NATIVE=0")
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return no("the CPU lacks AVX2/FMA/F16C (or /proc/cpuinfo is unreadable)")
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        return no(f"no C compiler (gcc, cc or $CC) to build {src.name}")
+    code = src.read_bytes()
+    digest = hashlib.sha256(code + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{src.stem}-{digest}.so"
+    if not out.is_file():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+        except OSError as exc:
+            return no(f"cannot write the kernel cache {out.parent}: {exc}")
+        try:
+            proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                return no(f"{cc} failed to build {src.name}: {proc.stderr.strip()[-400:]}")
+            os.replace(tmp, out)  # atomic: concurrent builds end with one complete file
+        except (OSError, subprocess.SubprocessError) as exc:
+            return no(f"could not run {cc}: {exc}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as exc:
+        return no(f"could not load {out}: {exc}")
+    if not setup(lib):
+        return no(f"{out} does not match {src.name} (ABI check failed); delete it to rebuild")
+    return lib
+
+
+def unavailable_reason(src: Path) -> str | None:
+    """Why the last :func:`load` of ``src`` returned None (None if it did not)."""
+    return _why.get(str(src))

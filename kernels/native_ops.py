@@ -1,0 +1,133 @@
+"""The ``"native"`` backend: ``add_lora_packed`` for few-token float32 steps on a CPU, in C.
+
+One call is one ``coe_lora_add`` of ``native/lora.c`` (AVX2 + FMA, OpenMP over both cores): the
+shrink and expand of every active slot, with each slot's A and B read once for all its tokens.
+Steps it does not cover (more than ``MAX_TOKENS`` tokens, ranks above ``MAX_RANK``, half
+precision, GPU tensors, strided columns, B stacks that are not transposed views of a contiguous
+[S, r, d_out] tensor) go to the torch backend, as does everything where the library cannot be
+built (``kernels.native``).
+
+Why hand-written: a decode step's LoRA work is tiny (16 tokens of an r=16 adapter on a [576 ->
+960] projection: ~1.5 MFLOP), so torch's path spends it in op dispatch and in gathered copies of
+each token's A and B. Measured on the 2-core CPU (SmolLM2, r=16 all-linear, one decode step,
+``python -m coe.engine.bench --steps``), see ``kernels/README.md`` for the numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels import native, torch_ops
+from kernels.meta import LoRAMeta
+
+MAX_TOKENS = 64  # longer steps (prefill chunks) go to torch, whose GEMMs win there
+MAX_RANK = 64  # the kernel keeps a few tokens' r scaled shrink values on the stack
+MAX_SLICES = 8
+_SRC = Path(__file__).with_name("native") / "lora.c"
+_ABI = 2
+_I64, _P = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Stack(ctypes.Structure):  # lora_stack in lora.c
+    _fields_ = [("S", _I64), ("R", _I64), ("n", _I64), ("d_in", _I64), ("d_out", _I64),
+                ("slices", _I64 * MAX_SLICES), ("A", _P), ("Bt", _P), ("scale", _P), ("alpha", ctypes.c_float)]
+
+
+class _Step(ctypes.Structure):  # lora_step in lora.c
+    _fields_ = [("T", _I64), ("U", _I64), ("order", _P), ("seg_slot", _P), ("seg_start", _P), ("seg_count", _P),
+                ("h", _P), ("nthreads", _I64)]
+
+
+def _setup(lib: ctypes.CDLL) -> bool:
+    if lib.coe_lora_abi() != _ABI:
+        return False
+    lib.coe_lora_add.argtypes = [_P, _P, _P, ctypes.c_long, _P, ctypes.c_long]
+    lib.coe_lora_add.restype = None
+    return True
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be used (``unavailable_reason``)."""
+    return native.load(_SRC, _setup)
+
+
+def unavailable_reason() -> str | None:
+    return None if library() is not None else native.unavailable_reason(_SRC)
+
+
+# Per stacked projection: its C descriptor (or None: not covered), keyed by the tensors' storage
+# and geometry. The weights are read live through the pointers (slot writes show), so an entry
+# stays right for as long as a tensor with that address and geometry exists.
+_stacks: dict[tuple, tuple[_Stack | None, ctypes.c_void_p | None, Any]] = {}
+
+
+def _stack(A: torch.Tensor, B: torch.Tensor, scale: float | torch.Tensor, output_slices: tuple[int, ...]):
+    live_scale = isinstance(scale, torch.Tensor)
+    key = (A.data_ptr(), B.data_ptr(), A.shape, B.shape, B.stride(), output_slices,
+           scale.data_ptr() if live_scale else float(scale), scale.shape if live_scale else None)
+    hit = _stacks.get(key)
+    if hit is not None:
+        return hit
+    n = len(output_slices)
+    S, R = A.shape[0], B.shape[2]
+    ok = (A.dtype == torch.float32 and B.dtype == torch.float32 and A.device.type == "cpu" and R <= MAX_RANK
+          and n <= MAX_SLICES and A.is_contiguous() and B.transpose(1, 2).is_contiguous())
+    table = None
+    if ok and live_scale:  # read live only when it is already the [n, S] float32 table
+        ok = scale.dtype == torch.float32 and scale.is_contiguous() and tuple(scale.shape) in ((n, S), (S,) if n == 1 else (n, S))
+        table = scale
+    desc = None
+    if ok:
+        desc = _Stack(S, R, n, A.shape[2], B.shape[1], (_I64 * MAX_SLICES)(*output_slices), A.data_ptr(), B.data_ptr(),
+                      table.data_ptr() if table is not None else None, 1.0 if live_scale else float(scale))
+    if len(_stacks) > 4096:  # tensors come and go (tests, reallocation): keep the map bounded
+        _stacks.clear()
+    hit = _stacks[key] = (desc, ctypes.byref(desc) if desc is not None else None, (A, B, table))
+    return hit
+
+
+def _step(meta: LoRAMeta, width: int):
+    """The step's tokens grouped by slot, and a scratch of ``width`` floats per token, as a C
+    descriptor (once per step and width, in ``meta.cache``)."""
+    key = ("native", width)
+    hit = meta.cache.get(key)
+    if hit is None:
+        skip = meta.num_tokens - meta.num_lora_tokens
+        i32 = torch.int32
+        arrays = (meta.sorted_token_ids[skip:].to(i32).contiguous(), torch.tensor(meta.active_slots_host, dtype=i32),
+                  torch.tensor([s - skip for s in meta.slot_starts_host], dtype=i32),
+                  torch.tensor(meta.tokens_per_slot_host, dtype=i32), torch.empty(meta.num_tokens, width))
+        desc = _Step(meta.num_tokens, len(meta.active_slots_host), *(t.data_ptr() for t in arrays), torch.get_num_threads())
+        hit = meta.cache[key] = (ctypes.byref(desc), desc, arrays)
+    return hit[0]
+
+
+def add_lora_packed(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, meta: LoRAMeta,
+                    scale: float | torch.Tensor, output_slices: tuple[int, ...]) -> torch.Tensor:
+    """``kernels.add_lora_packed`` (arguments already checked): in C when :func:`covers` the
+    call, else through the torch backend."""
+    desc, ref, _ = _stack(A, B, scale, output_slices)
+    if (desc is None or meta.num_tokens > MAX_TOKENS or y.dtype != torch.float32 or x.dtype != torch.float32
+            or y.device.type != "cpu" or x.stride(1) != 1 or y.stride(1) != 1 or library() is None):
+        return torch_ops.add_lora_packed(y, x, A, B, meta, scale, output_slices)
+    library().coe_lora_add(ref, _step(meta, desc.n * desc.R), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
+    return y
+
+
+def covers(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, meta: LoRAMeta,
+           scale: float | torch.Tensor, output_slices: tuple[int, ...]) -> bool:
+    """Whether this call runs in C (else it goes to the torch backend)."""
+    return (_stack(A, B, scale, tuple(output_slices))[0] is not None and meta.num_tokens <= MAX_TOKENS
+            and y.dtype == torch.float32 and x.dtype == torch.float32 and y.device.type == "cpu"
+            and x.stride(1) == 1 and y.stride(1) == 1 and library() is not None)
+
+
+def add_lora(y, x, A, B, meta, scale) -> torch.Tensor:
+    """``kernels.add_lora``: one slice."""
+    return add_lora_packed(y, x, A, B, meta, scale, (y.shape[1],))

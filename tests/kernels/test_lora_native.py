@@ -1,0 +1,88 @@
+"""The native backend (C, the CPU decode path) against the float64 oracle, and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_cases import Problem, slot_pattern
+
+from kernels import LoRAMeta, add_lora, add_lora_packed, native_ops
+
+pytestmark = pytest.mark.skipif(native_ops.library() is None, reason=f"native kernels unavailable: {native_ops.unavailable_reason()}")
+
+
+def _engine_layout(p: Problem) -> Problem:
+    """B as the engine stores it: a transposed view of a contiguous [S, r, d_out] stack."""
+    p.B = p.B.transpose(1, 2).contiguous().transpose(1, 2)
+    return p
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
+@pytest.mark.parametrize("rank", [4, 16, 64])
+@pytest.mark.parametrize("pattern", ["one", "all_same", "many", "skewed"])
+def test_packed_matches_reference(T, rank, pattern):
+    slots = slot_pattern(pattern, T, 5, seed=T + rank)
+    p = _engine_layout(Problem(T, 5, rank, d_in=131, output_slices=(77, 21, 21), slots=slots, scale="float", seed=rank))
+    assert native_ops.covers(p.y, p.x, p.A, p.B, LoRAMeta.build(slots, 5), p.scale, p.output_slices)
+    y = p.y.clone()
+    assert add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native") is y
+    p.check(y)
+
+
+@pytest.mark.parametrize("scale", ["float", "slot", "slice"])
+def test_scales(scale):
+    slots = torch.tensor([0, 3, -1, 3, 1, 0, 2])
+    p = _engine_layout(Problem(7, 4, 8, d_in=96, output_slices=(96, 32, 32), slots=slots, scale=scale, seed=1))
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    p.check(y)
+
+
+def test_single_projection_and_strided_views():
+    slots = torch.tensor([1, -1, 0, 1])
+    p = _engine_layout(Problem(4, 2, 16, d_in=64, output_slices=(40,), slots=slots, seed=2))
+    big_y = torch.randn(4, 60)
+    big_x = torch.randn(4, 80)
+    big_y[:, 10:50] = p.y
+    big_x[:, 5:69] = p.x
+    before = big_y.clone()
+    add_lora(big_y[:, 10:50], big_x[:, 5:69], p.A, p.B, slots, p.scale, backend="native")
+    p.check(big_y[:, 10:50])
+    assert torch.equal(big_y[:, :10], before[:, :10]) and torch.equal(big_y[:, 50:], before[:, 50:])
+
+
+def test_zero_b_adds_exactly_nothing():
+    slots = torch.tensor([0, 1, 1, -1])
+    p = _engine_layout(Problem(4, 2, 16, d_in=64, output_slices=(48, 16), slots=slots, seed=3))
+    p.B[1].zero_()
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    assert torch.equal(y[1:], p.y[1:])
+    assert not torch.equal(y[0], p.y[0])
+
+
+def test_uncovered_calls_fall_back_to_torch():
+    # too many tokens, a contiguous [S, d_out, r] B, half precision: still correct (torch path)
+    slots = slot_pattern("many", 100, 3, seed=4)
+    p = Problem(100, 3, 8, d_in=64, output_slices=(32, 32), slots=slots, seed=4)
+    assert not native_ops.covers(p.y, p.x, p.A, p.B, LoRAMeta.build(slots, 3), p.scale, p.output_slices)
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    p.check(y)
+    q = _engine_layout(Problem(5, 3, 8, d_in=64, output_slices=(32,), slots=torch.tensor([0, 1, 2, -1, 0]),
+                               dtype=torch.bfloat16, seed=5))
+    y = q.y.clone()
+    add_lora(y, q.x, q.A, q.B, q.slots, q.scale, backend="native")
+    q.check(y)
+
+
+def test_token_order_does_not_change_a_token_result():
+    """Each token's delta depends only on its own row and slot (isolation), in any step order."""
+    slots = torch.tensor([2, 0, -1, 2, 1, 0, 2, 1])
+    p = _engine_layout(Problem(8, 3, 16, d_in=64, output_slices=(48, 16), slots=slots, seed=6))
+    y = add_lora_packed(p.y.clone(), p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    y_perm = add_lora_packed(p.y[perm].clone(), p.x[perm], p.A, p.B, slots[perm], p.scale, p.output_slices, backend="native")
+    assert torch.equal(y[perm], y_perm)
+    alone = add_lora_packed(p.y[:1].clone(), p.x[:1], p.A, p.B, slots[:1], p.scale, p.output_slices, backend="native")
+    assert torch.equal(alone[0], y[0])
