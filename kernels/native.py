@@ -50,10 +50,11 @@ def disabled() -> bool:
     return os.environ.get("COE_NATIVE", "1").strip().lower() in ("0", "false", "off", "no")
 
 
-def load(src: Path, setup: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+def load(src: Path, setup: Callable[[ctypes.CDLL], bool], include: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
     """Compile ``src`` once (cached) and load it; ``setup(lib)`` declares the functions' argument
-    types and returns False when the library does not match (an ABI check). None when the
-    library cannot be used here (see :func:`unavailable_reason`)."""
+    types and returns False when the library does not match (an ABI check). ``include``: more
+    folders of headers (``src``'s own folder is searched too); every header there is part of the
+    cache key. None when the library cannot be used here (see :func:`unavailable_reason`)."""
     key = str(src)
     _why.pop(key, None)
 
@@ -68,7 +69,9 @@ def load(src: Path, setup: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         return no(f"no C compiler (gcc, cc or $CC) to build {src.name}")
-    code = src.read_bytes()
+    dirs = (src.parent, *include)
+    flags = CFLAGS + tuple(f"-I{d}" for d in include)
+    code = src.read_bytes() + b"".join(h.read_bytes() for d in dirs for h in sorted(d.glob("*.h")))
     digest = hashlib.sha256(code + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
     out = cache_dir() / f"{src.stem}-{digest}.so"
     if not out.is_file():
@@ -79,7 +82,7 @@ def load(src: Path, setup: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
         except OSError as exc:
             return no(f"cannot write the kernel cache {out.parent}: {exc}")
         try:
-            proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([cc, *flags, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 return no(f"{cc} failed to build {src.name}: {proc.stderr.strip()[-400:]}")
             os.replace(tmp, out)  # atomic: concurrent builds end with one complete file

@@ -29,7 +29,7 @@ MAX_TOKENS = 64  # longer steps (prefill chunks) go to torch, whose GEMMs win th
 MAX_RANK = 64  # the kernel keeps a few tokens' r scaled shrink values on the stack
 MAX_SLICES = 8
 _SRC = Path(__file__).with_name("native") / "lora.c"
-_ABI = 2
+_ABI = 3
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -40,7 +40,7 @@ class _Stack(ctypes.Structure):  # lora_stack in lora.c
 
 class _Step(ctypes.Structure):  # lora_step in lora.c
     _fields_ = [("T", _I64), ("U", _I64), ("order", _P), ("seg_slot", _P), ("seg_start", _P), ("seg_count", _P),
-                ("h", _P), ("nthreads", _I64)]
+                ("h", _P), ("nthreads", _I64), ("row_slot", _P)]
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
@@ -92,9 +92,10 @@ def _stack(A: torch.Tensor, B: torch.Tensor, scale: float | torch.Tensor, output
     return hit
 
 
-def _step(meta: LoRAMeta, width: int):
-    """The step's tokens grouped by slot, and a scratch of ``width`` floats per token, as a C
-    descriptor (once per step and width, in ``meta.cache``)."""
+def step_descriptor(meta: LoRAMeta, width: int) -> Any:
+    """The step's tokens grouped by slot, each token's slot, and a scratch of ``width`` floats per
+    token, as a pointer to the C ``lora_step`` (``native/lora_shrink.h``), built once per step
+    and width (in ``meta.cache``). Also what the engine's fused block kernel takes."""
     key = ("native", width)
     hit = meta.cache.get(key)
     if hit is None:
@@ -102,8 +103,10 @@ def _step(meta: LoRAMeta, width: int):
         i32 = torch.int32
         arrays = (meta.sorted_token_ids[skip:].to(i32).contiguous(), torch.tensor(meta.active_slots_host, dtype=i32),
                   torch.tensor([s - skip for s in meta.slot_starts_host], dtype=i32),
-                  torch.tensor(meta.tokens_per_slot_host, dtype=i32), torch.empty(meta.num_tokens, width))
-        desc = _Step(meta.num_tokens, len(meta.active_slots_host), *(t.data_ptr() for t in arrays), torch.get_num_threads())
+                  torch.tensor(meta.tokens_per_slot_host, dtype=i32), torch.empty(meta.num_tokens, width),
+                  meta.slots.to(i32).contiguous())
+        desc = _Step(meta.num_tokens, len(meta.active_slots_host), *(t.data_ptr() for t in arrays[:5]),
+                     torch.get_num_threads(), arrays[5].data_ptr())
         hit = meta.cache[key] = (ctypes.byref(desc), desc, arrays)
     return hit[0]
 
@@ -116,7 +119,7 @@ def add_lora_packed(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     if (desc is None or meta.num_tokens > MAX_TOKENS or y.dtype != torch.float32 or x.dtype != torch.float32
             or y.device.type != "cpu" or x.stride(1) != 1 or y.stride(1) != 1 or library() is None):
         return torch_ops.add_lora_packed(y, x, A, B, meta, scale, output_slices)
-    library().coe_lora_add(ref, _step(meta, desc.n * desc.R), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
+    library().coe_lora_add(ref, step_descriptor(meta, desc.n * desc.R), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
     return y
 
 

@@ -330,9 +330,11 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
 def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 15, log: Any = print) -> dict[str, Any]:
     """Milliseconds of single forward steps (no scheduler, sampling or threads in between), for
     the engine's design choices rather than the issue's goals: decode steps of 1 and 16 sequences
-    (context 60) on the base model, one adapter, and 8 adapters, each with the dense LoRA path on
-    and off (``dense``/``packed``), and the column-block projections on and off (``blocks``/``mm``,
-    base model). Cases take turns within each iteration; the median per case is reported.
+    (context 60) on the base model, one adapter, and 8 adapters; each as the engine runs it (GGUF
+    blocks with the LoRA fused into them), with the LoRA in separate ops (``_unfused``: the dense
+    path for one adapter, kernels' C backend for eight), and on float32 weights only (``_f32``:
+    no GGUF blocks, as for a safetensors model). Cases take turns within each iteration; the
+    median per case is reported.
     The steps run on a helper thread, as in the engine (see ``coe.engine.threads``).
     """
     from coe.engine import Engine
@@ -351,14 +353,17 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
     slots = [engine.registry.slot_of(n) for n in names]
     engine.shutdown()
     net, kv = engine.model, engine.kv
+    f32 = {"BLOCK_MAX_ROWS": 0}  # float32 weights only (as without a GGUF or a C compiler)
+    unfused = {"FUSED_LORA": False}  # blocks for the base, LoRA in separate ops (dense / kernels)
+    one, mixed = [slots[0]], [slots[i % NUM_ADAPTERS] for i in range(16)]
     cases = {
-        "single_base": ([-1], {}), "single_base_mm": ([-1], {"CHUNK_MAX_ROWS": 0}),
-        "single_dense": ([slots[0]], {}), "single_packed": ([slots[0]], {"DENSE_LORA_MAX_SLOTS": 0}),
-        "base16": ([-1] * 16, {}), "base16_mm": ([-1] * 16, {"CHUNK_MAX_ROWS": 0}),
-        "uniform16_dense": ([slots[0]] * 16, {}), "uniform16_packed": ([slots[0]] * 16, {"DENSE_LORA_MAX_SLOTS": 0}),
-        "mixed16": ([slots[i % NUM_ADAPTERS] for i in range(16)], {}),
+        "single_base": ([-1], {}), "single_base_f32": ([-1], f32),
+        "single_lora": (one, {}), "single_lora_unfused": (one, unfused), "single_lora_f32": (one, f32),
+        "base16": ([-1] * 16, {}), "base16_f32": ([-1] * 16, f32),
+        "uniform16": (one * 16, {}), "uniform16_unfused": (one * 16, unfused), "uniform16_f32": (one * 16, f32),
+        "mixed16": (mixed, {}), "mixed16_unfused": (mixed, unfused), "mixed16_f32": (mixed, f32),
     }
-    defaults = {"CHUNK_MAX_ROWS": M.CHUNK_MAX_ROWS, "DENSE_LORA_MAX_SLOTS": M.DENSE_LORA_MAX_SLOTS}
+    defaults = {k: getattr(M, k) for k in ("BLOCK_MAX_ROWS", "FUSED_LORA")}
     times: dict[str, list[float]] = {k: [] for k in cases}
 
     def run() -> None:

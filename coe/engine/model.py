@@ -46,8 +46,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from coe.engine.quantized import BlockWeight, native_library
-from kernels import LoRAMeta, add_lora_dense, add_lora_packed
+from coe.engine.quantized import BlockWeight, lora_rows, native_library
+from kernels import LoRAMeta, add_lora_dense, add_lora_packed, native_ops
 
 # The aten op takes None for a full slice in its index list (the Python method does not).
 index_put_ = torch.ops.aten.index_put_
@@ -203,6 +203,8 @@ CHUNK_MAX_ROWS = 256
 # float32 column-block bmm, us: 1 row 92 vs 314, 4 rows 126 vs 403, 8 rows 185 vs 479, 16 rows
 # 333 vs 484.
 BLOCK_MAX_ROWS = 16
+# ...and add their LoRA in the same kernel call (``Transformer._lora_proj``).
+FUSED_LORA = True
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
 MANUAL_ATTENTION_MIN_ROWS = 8
 
@@ -343,9 +345,14 @@ class LoRAStack:
         B_dense: [S, n*R, d_out], B^T with packed slices laid block-diagonally (slice i's rank
             rows only in slice i's columns; ``Bt`` itself when n == 1): the expand of the dense
             path, one ``addmm_`` for all slices. Costs (n-1) times ``Bt``'s memory.
+        B_rows: [S, d_out, R] contiguous (``Bt`` transposed: output n's rank vector in one row),
+            and ``rows``, its C descriptor: the expand the GGUF block kernel fuses into a
+            few-row projection (``coe.engine.quantized``; CPU float32 with the kernels built).
+            Costs ``Bt``'s memory once more.
     """
 
-    __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in", "folded", "kernel_scale", "B_dense", "_dense_ops")
+    __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in", "folded", "kernel_scale", "B_dense", "_dense_ops",
+                 "B_rows", "rows")
 
     def __init__(self, d_in: int, output_slices: tuple[int, ...]) -> None:
         self.d_in = d_in
@@ -355,9 +362,13 @@ class LoRAStack:
         self.kernel_scale: float | torch.Tensor | None = None
         self.B_dense: torch.Tensor | None = None
         self._dense_ops: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.B_rows: torch.Tensor | None = None
+        self.rows: Any = None
 
-    def allocate(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device, dense: bool = False) -> None:
-        """Allocate zeroed slots; ``dense`` also allocates ``B_dense`` (CPU float32 stacks)."""
+    def allocate(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device, dense: bool = False,
+                 fused: bool = False) -> None:
+        """Allocate zeroed slots; ``dense`` also allocates ``B_dense`` (CPU float32 stacks), and
+        ``fused`` ``B_rows`` and its descriptor (``rows``)."""
         n = len(self.output_slices)
         d_out = sum(self.output_slices)
         self.A = torch.zeros(num_slots, n * rank, self.d_in, dtype=dtype, device=device)
@@ -368,8 +379,12 @@ class LoRAStack:
         self.kernel_scale = 1.0 if self.folded else self.scale
         self.B_dense = None
         self._dense_ops = {}
+        self.B_rows = self.rows = None
         if dense and self.folded:
             self.B_dense = self.Bt if n == 1 else torch.zeros(num_slots, n * rank, d_out, dtype=dtype, device=device)
+        if fused and self.folded:
+            self.B_rows = torch.zeros(num_slots, d_out, rank, dtype=dtype, device=device)
+            self.rows = lora_rows(self.A, self.B_rows, self.output_slices)
 
     def dense_operands(self, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots lo..lo+k-1 as the dense path's two matrices: A^T [d_in, k*n*R] and B_dense
@@ -382,9 +397,11 @@ class LoRAStack:
                                               self.B_dense[lo : lo + k].view(k * width, -1))
         return ops
 
-    def refresh_dense(self, slot: int) -> None:
-        """Rebuild slot ``slot`` of ``B_dense`` from ``Bt`` after the slot was written (packed
-        projections: slice i's rank rows keep only slice i's columns)."""
+    def refresh(self, slot: int) -> None:
+        """Rebuild slot ``slot`` of ``B_rows`` and ``B_dense`` from ``Bt`` after the slot was
+        written (``B_dense`` of packed projections: slice i's rank rows keep only slice i's columns)."""
+        if self.B_rows is not None:
+            self.B_rows[slot].copy_(self.Bt[slot].t())
         if self.B_dense is None or self.B_dense is self.Bt:
             return
         r = self.rank
@@ -568,7 +585,8 @@ class Transformer:
         """(Re)allocate every layer's LoRA stacks as zeros: ``num_slots`` slots of rank ``rank``."""
         for layer in self.layers:
             for stack in layer.lora.values():
-                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._cpu32)
+                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._cpu32,
+                               fused=self._cpu32 and native_library() is not None)
         self.num_lora_slots = num_slots
         self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
 
@@ -776,6 +794,9 @@ class Transformer:
         were computed (a zero-B adapter was no longer bit-identical to the base model), so the
         shrink stays a matmul of its own.
         """
+        if FUSED_LORA and w_q is not None and st.rows is not None and x.shape[0] <= BLOCK_MAX_ROWS and w_q.kind == "q4_1":
+            y = w_q.matmul(x, (st.rows, native_ops.step_descriptor(meta, st.A.shape[1])))
+            return y if b is None else y.add_(b)
         y = _proj(x, w_t, w_c, b, w_q)
         if dense is not None and st.B_dense is not None:
             A_t, B_dense = st.dense_operands(*dense)

@@ -44,16 +44,26 @@ logger = logging.getLogger("coe.engine")
 QK = 32  # GGUF block size of Q4_1 and Q8_0
 KINDS = ("q4_1", "q8_0")
 _SRC = Path(__file__).with_name("native") / "qmatmul.c"
-_ABI = 1
+_KERNELS_C = Path(native.__file__).with_name("native")  # lora_shrink.h, shared with kernels' C backend
+_ABI = 2
+_P, _L, _I64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int64
+MAX_SLICES = 8
+
+
+class LoRARows(ctypes.Structure):
+    """``lora_rows`` of ``qmatmul.c``: one stacked projection's LoRA for the fused kernel."""
+
+    _fields_ = [("A", _P), ("B", _P), ("R", _I64), ("n", _I64), ("bounds", _I64 * (MAX_SLICES + 1))]
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
     if lib.coe_native_abi() != _ABI:
         return False
-    P, L = ctypes.c_void_p, ctypes.c_long
     for fn in (lib.coe_q41_matmul, lib.coe_q80_matmul):
-        fn.argtypes = [P, L, P, P, P, L, L, L, L, ctypes.c_int]
+        fn.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
         fn.restype = None
+    lib.coe_q41_matmul_lora.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int, _P, _P]
+    lib.coe_q41_matmul_lora.restype = None
     return True
 
 
@@ -61,7 +71,19 @@ def _setup(lib: ctypes.CDLL) -> bool:
 def native_library() -> ctypes.CDLL | None:
     """The compiled block kernels (built once into the cache by ``kernels.native``), or None
     when they cannot be used here (the reason is in :func:`unavailable_reason`)."""
-    return native.load(_SRC, _setup)
+    return native.load(_SRC, _setup, include=(_KERNELS_C,))
+
+
+def lora_rows(A: torch.Tensor, B_rows: torch.Tensor, output_slices: tuple[int, ...]) -> Any:
+    """A pointer to the C descriptor of one stacked projection's LoRA (A [S, n*R, K] with the
+    scaling folded in, B_rows [S, N, R] contiguous), for :meth:`BlockWeight.matmul`. The caller
+    keeps the tensors alive (they are read live: slot writes show)."""
+    bounds = [0]
+    for d in output_slices:
+        bounds.append(bounds[-1] + d)
+    desc = LoRARows(A.data_ptr(), B_rows.data_ptr(), B_rows.shape[2], len(output_slices),
+                    (_I64 * (MAX_SLICES + 1))(*bounds))
+    return ctypes.pointer(desc)
 
 
 def unavailable_reason() -> str | None:
@@ -91,14 +113,20 @@ class BlockWeight:
     def nbytes(self) -> int:
         return self.qs.numel() * self.qs.element_size() + self.scales.numel() * 4
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, lora: tuple[Any, Any] | None = None) -> torch.Tensor:
         """``x @ W.T``: float32 [M, K] -> [M, N], on the native kernel (the caller checks
-        :func:`native_library`)."""
+        :func:`native_library`). ``lora`` = (:func:`lora_rows` pointer, the step's
+        ``kernels.native_ops.step_descriptor``) adds each row's adapter delta in the same pass
+        (``q4_1`` only)."""
         lib = native_library()
         n, k = self.shape
         x = x.contiguous()
         m = x.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
+        if lora is not None:
+            lib.coe_q41_matmul_lora(x.data_ptr(), k, self.qs.data_ptr(), self.scales.data_ptr(), y.data_ptr(), n, m, n, k,
+                                    torch.get_num_threads(), lora[0], lora[1])
+            return y
         fn = lib.coe_q41_matmul if self.kind == "q4_1" else lib.coe_q80_matmul
         fn(x.data_ptr(), k, self.qs.data_ptr(), self.scales.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y

@@ -252,7 +252,7 @@ class AdapterRegistry:
                     A.zero_()
                     Bt.zero_()
                     scale[:, slot] = 0
-                    stack.refresh_dense(slot)
+                    stack.refresh(slot)
                     continue
                 pa, pbt, ps = trio
                 if r == stack.rank:
@@ -267,7 +267,7 @@ class AdapterRegistry:
                 scale[:, slot] = ps
                 if stack.folded:  # see LoRAStack: the scaling lives in A's slice rows
                     A.view(len(stack.output_slices), stack.rank, stack.d_in).mul_(ps.to(A.dtype).view(-1, 1, 1))
-                stack.refresh_dense(slot)
+                stack.refresh(slot)
 
     def pin(self, name: str) -> "_Entry":
         """Count a running sequence on a resident adapter.

@@ -8,7 +8,7 @@
  * Tokens come grouped by slot (from the step's LoRAMeta): each active slot's A rows and B
  * columns are read from memory once for all of its tokens, and no gathered copy of A or B is
  * ever made (the torch backend's gathers copy each token's A and B). Both phases split their
- * work over (slot, row of A) and (slot, block of 64 columns) tasks in one OpenMP region, so one
+ * work over (slot, row of A) and (slot, slice, column block) tasks in one OpenMP region, so one
  * adapter or eight, both cores stream weights. A zero B adds exactly +0.0 (y unchanged).
  *
  * Why hand-written: see kernels/native_ops.py.
@@ -16,7 +16,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <omp.h>
-
 
 typedef struct {            /* one stacked projection's LoRA weights (cached per stack by native_ops.py) */
     int64_t S, R, n, d_in, d_out;
@@ -27,53 +26,7 @@ typedef struct {            /* one stacked projection's LoRA weights (cached per
     float alpha;
 } lora_stack;
 
-typedef struct {            /* one step's tokens grouped by slot (cached per step) */
-    int64_t T, U;
-    const int32_t *order;   /* [T] token ids grouped by slot */
-    const int32_t *seg_slot, *seg_start, *seg_count;  /* [U] each active slot and its range in order */
-    float *h;               /* scratch [T, >= n*R] */
-    int64_t nthreads;
-} lora_step;
-
-#define TT 4                /* tokens per register tile */
-
-/* acc[i] += a . x_i over k for up to TT tokens; returns through out[]. */
-static inline __attribute__((always_inline)) void dots_n(const float *a, const float *const *xs, const int nt, long k, float *out) {
-    __m256 acc[TT][2];
-    for (int i = 0; i < TT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    long j = 0;
-    for (; j + 16 <= k; j += 16) {
-        const __m256 a0 = _mm256_loadu_ps(a + j), a1 = _mm256_loadu_ps(a + j + 8);
-        for (int i = 0; i < nt; i++) {
-            acc[i][0] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xs[i] + j), acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xs[i] + j + 8), acc[i][1]);
-        }
-    }
-    for (; j + 8 <= k; j += 8) {
-        const __m256 a0 = _mm256_loadu_ps(a + j);
-        for (int i = 0; i < nt; i++) acc[i][0] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xs[i] + j), acc[i][0]);
-    }
-    for (int i = 0; i < nt; i++) {
-        __m256 s = _mm256_add_ps(acc[i][0], acc[i][1]);
-        __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-        lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-        float r = _mm_cvtss_f32(lo);
-        for (long q = j; q < k; q++) r += a[q] * xs[i][q];
-        out[i] = r;
-    }
-}
-
-/* The token count as a compile-time constant in each copy, so the accumulators stay in
- * registers (with a run-time count GCC kept them in memory: ~10x slower). */
-static void dots(const float *a, const float *const *xs, int nt, long k, float *out) {
-    switch (nt) {
-    case 4: dots_n(a, xs, 4, k, out); break;
-    case 3: dots_n(a, xs, 3, k, out); break;
-    case 2: dots_n(a, xs, 2, k, out); break;
-    default: dots_n(a, xs, 1, k, out); break;
-    }
-}
+#include "lora_shrink.h"
 
 static inline __attribute__((always_inline)) void expand_n(const float *b, long d_out, long R, float hs[][64],
                                                            float *const *yt, long c0, long c1, const int nt) {
@@ -110,7 +63,7 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
 {
     const long R = st->R, n = st->n, nR = n * R, d_in = st->d_in, d_out = st->d_out, S = st->S, U = sp->U;
     const int32_t *order = sp->order, *seg_slot = sp->seg_slot, *seg_start = sp->seg_start, *seg_count = sp->seg_count;
-    float *h = sp->h;
+    const float *h = sp->h;
     /* Expand tasks: (slot, slice, column block). Each block spans whole stretches of B's R rows:
      * with blocks of a few hundred bytes (tried: 64 columns) the 16 row streams of a task never
      * train the hardware prefetcher and the expand runs at a fraction of memory bandwidth. So a
@@ -119,21 +72,7 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
     const long chunks = n * per;
 #pragma omp parallel num_threads((int)sp->nthreads)
     {
-#pragma omp for schedule(static)
-        for (long task = 0; task < U * nR; task++) {
-            const long u = task / nR, j = task % nR;
-            const float *a = st->A + ((long)seg_slot[u] * nR + j) * d_in;
-            const long q0 = seg_start[u], q1 = q0 + seg_count[u];
-            for (long q = q0; q < q1; q += TT) {
-                const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
-                const float *xs[TT];
-                float out[TT] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int i = 0; i < nt; i++) xs[i] = x + (long)order[q + i] * ldx;
-                dots(a, xs, nt, d_in, out);
-                for (int i = 0; i < nt; i++) h[(long)order[q + i] * nR + j] = out[i];
-            }
-        }
-        /* implicit barrier: every h is written before any expand reads it */
+        lora_shrink_for(st->A, nR, d_in, x, ldx, sp);  /* ends with a barrier: h is complete */
 #pragma omp for schedule(static)
         for (long task = 0; task < U * chunks; task++) {
             const long u = task / chunks, i = (task % chunks) / per, c = task % per;
@@ -163,4 +102,4 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
     }
 }
 
-int coe_lora_abi(void) { return 2; }
+int coe_lora_abi(void) { return 3; }

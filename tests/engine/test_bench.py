@@ -34,6 +34,6 @@ def test_step_times_runs_every_variant_and_restores_the_knobs(tiny_dir):
 
     before = (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS)
     res = bench.step_times(str(tiny_dir), threads=1, iterations=2, log=lambda m: None)
-    assert set(res["step_ms"]) >= {"single_base", "single_dense", "single_packed", "base16_mm", "mixed16"}
+    assert set(res["step_ms"]) >= {"single_base", "single_lora", "single_lora_unfused", "base16_f32", "mixed16"}
     assert all(v > 0 for v in res["step_ms"].values())
     assert (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS) == before

@@ -178,3 +178,47 @@ def test_config_rejects_unknown_gguf_blocks_value(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     assert "gguf_blocks" in str(err.value) and "auto" in str(err.value)
+
+
+@needs_native
+def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, block_model, tmp_path):
+    """A decode step over two adapters and the base: the LoRA fused into the block kernel agrees
+    with the separate-op paths, and a zero-B adapter leaves its rows bit-identical to the base."""
+    from tinyllm import save_adapter
+    from transformers import AutoModelForCausalLM
+
+    from coe.engine.batch import Decode, Prefill, build_step
+
+    path, blocks = block_model
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    engine = engine_factory(path)
+    engine.load_adapter("a", save_adapter(hf, tmp_path / "a", r=8, targets="all-linear", seed=3))
+    engine.load_adapter("z", save_adapter(hf, tmp_path / "z", r=8, targets="all-linear", seed=4, zero_b=True))
+    engine.generate("warm", adapter="a", max_tokens=1)
+    engine.generate("warm", adapter="z", max_tokens=1)
+    engine.shutdown(0)
+    net, kv = engine.model, engine.kv
+    assert net.attach_blocks(blocks)["matrices"] > 0 and net.layers[0].lora["qkv"].rows is not None
+    sa, sz = engine.registry.slot_of("a"), engine.registry.slot_of("z")
+    ids = list(range(40, 52))
+    kvs = [kv.allocate() for _ in range(3)]
+    for s in kvs:  # the same 12-token context in each sequence
+        net.forward(build_step([], [Prefill(s, 0, ids, -1, True)], num_lora_slots=net.num_lora_slots, kv=kv,
+                               device=engine.device), kv.k, kv.v)
+
+    def decode(**knobs) -> torch.Tensor:
+        old = {k: getattr(M, k) for k in knobs}
+        for k, v in knobs.items():
+            setattr(M, k, v)
+        try:
+            b = build_step([Decode(kvs[0], 12, 60, sa), Decode(kvs[1], 12, 60, -1), Decode(kvs[2], 12, 60, sz)], [],
+                           num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+            return net.forward(b, kv.k, kv.v)
+        finally:
+            for k, v in old.items():
+                setattr(M, k, v)
+
+    fused, separate, f32 = decode(), decode(FUSED_LORA=False), decode(BLOCK_MAX_ROWS=0)
+    assert (fused - separate).abs().max() < 1e-4 and (fused - f32).abs().max() < 1e-4
+    assert (fused[0] - fused[1]).abs().max() > 1e-3  # the adapter does change its row
+    assert torch.equal(fused[2], fused[1])  # zero B: exactly the base row

@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <omp.h>
+#include "lora_shrink.h"  /* kernels/native: the LoRA shrink, shared with kernels' C backend */
 
 #define QK 32
 #define MAX_ROWS 8
@@ -36,7 +37,8 @@ static inline float hsum(__m256 v) {
  * inlining, so acc[] stays in registers). */
 static inline __attribute__((always_inline)) void q41_row(
     const uint8_t *qs, const float *dm, const float *x, long ldx, float *y, long ldy,
-    long n, long nb, const int MT)
+    long n, long nb, const float *Bn, long sstride, const float *hb, long nR, long R, const int32_t *slots,
+    const int MT)
 {
     /* NA independent accumulators per row: one chain of FMAs per row would wait on the FMA
      * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
@@ -67,12 +69,24 @@ static inline __attribute__((always_inline)) void q41_row(
             acc[r][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3 % NA]);
         }
     }
+    float tail[MAX_ROWS] = {0};
+    if (Bn) {  /* fused LoRA expand: row r adds h[r, slice] . B[slot(r), n, :] */
+        for (int r = 0; r < MT; r++) {
+            const long s = slots[r];
+            if (s < 0) continue;
+            const float *hv = hb + r * nR, *bv = Bn + s * sstride;
+            long k = 0;
+            for (; k + 8 <= R; k += 8)
+                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(hv + k), _mm256_loadu_ps(bv + k), acc[r][0]);
+            for (; k < R; k++) tail[r] += hv[k] * bv[k];
+        }
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
         __m256 a = acc[r][0];
         if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
         if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
-        y[r * ldy + n] = hsum(a);
+        y[r * ldy + n] = hsum(a) + tail[r];
     }
 }
 
@@ -121,36 +135,62 @@ static inline __attribute__((always_inline)) void q80_row(
     case 5: FN(__VA_ARGS__, 5); break; case 6: FN(__VA_ARGS__, 6); break; \
     case 7: FN(__VA_ARGS__, 7); break; default: FN(__VA_ARGS__, 8); break; }
 
-/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T, W in Q4_1: qs [N, K/2], dm [N, K/32, 2]. */
-void coe_q41_matmul(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
-                    long M, long N, long K, int nthreads)
+/* A stacked projection's LoRA for the fused kernel: A [S, nR, K] (scale folded in), B [S, N, R]
+ * (row n holds the rank vector of n's own slice), slices ending at bounds[1..n]. */
+typedef struct {
+    const float *A, *B;
+    int64_t R, n;
+    int64_t bounds[9];
+} lora_rows;
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T (+ each row's LoRA when lr is not
+ * NULL), W in Q4_1: qs [N, K/2], dm [N, K/32, 2]. One OpenMP region: the LoRA shrink of every
+ * active slot (h), then every output n for all row tiles, so a weight row is read from memory
+ * once per step and its LoRA expand rides in the same dot product (added to the accumulators
+ * before their final sum: a zero B adds exactly nothing). */
+void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
+                         long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
     const long nb = K / QK;
-    for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
-        const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-        const float *xt = x + r0 * ldx;
-        float *yt = y + r0 * ldy;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    const long R = lr ? lr->R : 0, nR = lr ? lr->R * lr->n : 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        if (lr) lora_shrink_for(lr->A, nR, K, x, ldx, sp);  /* ends with a barrier: h is complete */
+#pragma omp for schedule(static)
         for (long n = 0; n < N; n++) {
-            TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, xt, ldx, yt, ldy, n, nb)
+            const float *Bn = NULL;
+            long i = 0;
+            if (lr) {
+                while (n >= lr->bounds[i + 1]) i++;
+                Bn = lr->B + n * R;
+            }
+            for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
+                const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+                TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb,
+                           Bn, N * R, lr ? sp->h + r0 * nR + i * R : NULL, nR, R, lr ? sp->row_slot + r0 : NULL)
+            }
         }
     }
 }
 
-/* The same for Q8_0: qs [N, K] int8, d [N, K/32]. */
+void coe_q41_matmul(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
+                    long M, long N, long K, int nthreads)
+{
+    coe_q41_matmul_lora(x, ldx, qs, dm, y, ldy, M, N, K, nthreads, NULL, NULL);
+}
+
+/* The same for Q8_0 (no LoRA): qs [N, K] int8, d [N, K/32]. */
 void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, float *y, long ldy,
                     long M, long N, long K, int nthreads)
 {
     const long nb = K / QK;
-    for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
-        const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-        const float *xt = x + r0 * ldx;
-        float *yt = y + r0 * ldy;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (long n = 0; n < N; n++) {
-            TILE_CASES(q80_row, qs + n * K, d + n * nb, xt, ldx, yt, ldy, n, nb)
+    for (long n = 0; n < N; n++) {
+        for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
+            const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+            TILE_CASES(q80_row, qs + n * K, d + n * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
         }
     }
 }
 
-int coe_native_abi(void) { return 1; }
+int coe_native_abi(void) { return 2; }
