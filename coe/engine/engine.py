@@ -28,7 +28,7 @@ from coe.engine.registry import AdapterRegistry
 from coe.engine.request import Request, build_request, encode_prompt
 from coe.engine.scheduler import Job, Scheduler
 from coe.engine.sequence import Sequence
-from coe.engine.threads import run_in_fresh_thread, compute_on_one_thread
+from coe.engine.threads import background_compute, run_in_fresh_thread
 from coe.engine.weights import load_model, model_context, resolve_device, resolve_dtype, resolve_model
 from coe.errors import ConfigError, EngineUnavailable, InvalidRequest, UnknownModel
 
@@ -196,8 +196,8 @@ class Engine:
         """
         if not isinstance(name, str) or not name:
             raise InvalidRequest(f"name: expected a non-empty adapter name, found {name!r}", param="name")
-        def read() -> None:  # off the caller's thread, without an OpenMP pool (coe.engine.threads)
-            compute_on_one_thread()
+        def read() -> None:  # off the caller's thread, without an OpenMP pool, at low priority (coe.engine.threads)
+            background_compute()
             self.registry.load(name, None if source is None else str(source))
 
         run_in_fresh_thread(read, "coe-adapter-read")

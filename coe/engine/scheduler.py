@@ -41,7 +41,7 @@ from coe.engine.kv_cache import KVCache
 from coe.engine.model import Transformer
 from coe.engine.outputs import GenerationOutput, StreamDelta
 from coe.engine.registry import AdapterRegistry
-from coe.engine.threads import compute_on_one_thread
+from coe.engine.threads import background_compute
 from coe.engine.request import Request
 from coe.engine.sampling import sample_batch
 from coe.engine.sequence import Sequence
@@ -113,7 +113,7 @@ class Scheduler:
         self._loads: dict[str, Future] = {}
         self._draining: dict[str, str] = {}  # victim adapter -> the waiting adapter it makes room for
         # cold loads read adapters here without an OpenMP pool of their own (see coe.engine.threads)
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coe-adapter-load", initializer=compute_on_one_thread)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coe-adapter-load", initializer=background_compute)
         self._accepting = True
         self._stop = False
         self._max_wait: dict[str, float] = {}

@@ -139,14 +139,23 @@ def test_mixed_step_equals_separate_runs(engine_factory, adapter_factory):
     assert (logits[2] - alone[None]).abs().max() < TOL
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernels", "torch-only"])
 @pytest.mark.parametrize("adapters", [("a", "b", None), ("b",), ("a", "b", "c")])
-def test_large_decode_batch_equals_separate_runs(engine_factory, adapter_factory, adapters, monkeypatch):
+def test_large_decode_batch_equals_separate_runs(engine_factory, adapter_factory, adapters, native, monkeypatch):
     """A decode step of 10 ragged sequences (the written-out attention from 8 rows, its padding
     mask, chunked projections) gives every sequence the logits it gets alone. Adapter mixes: two
     adjacent slots and the base (the dense LoRA path), one adapter on a slot above 0 (dense, no
-    mask), three slots (add_lora_packed)."""
+    mask), three slots (add_lora_packed). With the C kernels built (``c-kernels``) every mix runs
+    kernels' C backend instead of the dense path; ``torch-only`` is a machine without them."""
+    import kernels
     from coe.engine import model as M
+    from kernels import native_ops
 
+    if native and native_ops.library() is None:
+        pytest.skip(f"C kernels unavailable: {native_ops.unavailable_reason()}")
+    if not native:
+        monkeypatch.setattr(M, "native_library", lambda: None)
+        monkeypatch.setattr(kernels, "_override", "torch")  # set_backend("torch"), undone after the test
     assert M.MANUAL_ATTENTION_MIN_ROWS <= 10 and M.DENSE_LORA_MAX_SLOTS == 2
     engine = engine_factory(max_batch=12)
     engine.load_adapter("c", adapter_factory("c", r=8, targets="all-linear", seed=13))  # slot 0 when loaded first
@@ -167,7 +176,7 @@ def test_large_decode_batch_equals_separate_runs(engine_factory, adapter_factory
     real_dense = M.add_lora_dense
     monkeypatch.setattr(M, "add_lora_dense", lambda *a: dense_calls.append(1) or real_dense(*a))
     logits = engine.model.forward(b, engine.kv.k, engine.kv.v)
-    assert bool(dense_calls) == ("c" not in adapters)
+    assert bool(dense_calls) == ("c" not in adapters and not native)
     for i, want in enumerate(alone):
         assert (logits[i] - want).abs().max() < TOL, (i, seqs[i][0])
     for kv in kvs:
