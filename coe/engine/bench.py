@@ -114,19 +114,24 @@ def _engine_concurrent(engine: Any, prompts: list[str], adapters: list[str | Non
 
 
 def _switch_ms(engine: Any, prompt: str, names: list[str], repeats: int) -> float:
-    """Median latency of a short request after another adapter's minus after the same adapter's."""
+    """Added latency of a short request that follows another adapter's request: the median over
+    ``repeats`` back-to-back pairs of (latency after a different adapter's request) minus
+    (latency after the same adapter's). Pairs, not a difference of two medians, so that the
+    machine's drift cancels within each pair."""
     def lat(adapter: str) -> float:
         t0 = time.perf_counter()
         engine.generate(prompt, adapter=adapter, max_tokens=4, ignore_eos=True)
         return time.perf_counter() - t0
 
-    same, other = [], []
+    diffs = []
     lat(names[0])
     for i in range(repeats):
+        other = names[1 + i % (len(names) - 1)]
+        lat(other)
+        same = lat(other)  # other after other
         lat(names[0])
-        same.append(lat(names[0]))
-        other.append(lat(names[1 + i % (len(names) - 1)]))
-    return (_median(other) - _median(same)) * 1e3
+        diffs.append(lat(other) - same)  # other after names[0]
+    return _median(diffs) * 1e3
 
 
 def _cold_load_ms(engine: Any, path: Path, repeats: int) -> float:
@@ -255,7 +260,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     log(f"engine: {engine.model_id}, {threads} threads; warm-up and engine-only measurements...")
     for fn in cases.values():
         fn()
-    res["adapter_switch_ms"] = _switch_ms(engine, prompts[1], names, max(5, 4 * repeats))
+    res["adapter_switch_ms"] = _switch_ms(engine, prompts[1], names, max(5, 8 * repeats))
     res["cold_load_ms"] = _cold_load_ms(engine, paths[-1], max(3, repeats))
     # Streams on half of the adapters (two each), so the cold adapter finds a free slot: this
     # measures the load itself, not a wait for a slot.
