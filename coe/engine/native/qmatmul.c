@@ -33,6 +33,29 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* Zero the NA accumulators of each of MT rows. */
+static inline __attribute__((always_inline)) void acc_zero(__m256 acc[][4], const int MT, const int NA)
+{
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();
+}
+
+/* acc[r] += (w0..w3) . x[r, 0:32] for MT rows of x (row stride ldx): one block of 32 weights. */
+static inline __attribute__((always_inline)) void block_fma(__m256 acc[][4], __m256 w0, __m256 w1, __m256 w2, __m256 w3,
+                                                            const float *xb, long ldx, const int MT, const int NA)
+{
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        const float *xr = xb + r * ldx;
+        acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+        acc[r][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1 % NA]);
+        acc[r][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2 % NA]);
+        acc[r][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3 % NA]);
+    }
+}
+
 /* One output element per row of the tile, for MT rows of x (MT a compile-time constant after
  * inlining, so acc[] stays in registers). */
 static inline __attribute__((always_inline)) void q41_row(
@@ -44,10 +67,7 @@ static inline __attribute__((always_inline)) void q41_row(
      * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
     const int NA = MT <= 2 ? 4 : (MT <= 4 ? 2 : 1);
     __m256 acc[MAX_ROWS][4];
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; r++)
-#pragma GCC unroll 4
-        for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();
+    acc_zero(acc, MT, NA);
     const __m128i mask = _mm_set1_epi8(0x0F);
 #pragma GCC unroll 2
     for (long b = 0; b < nb; b++) {
@@ -59,15 +79,7 @@ static inline __attribute__((always_inline)) void q41_row(
         const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
         const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
         const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
-        const float *xb = x + QK * b;
-#pragma GCC unroll 8
-        for (int r = 0; r < MT; r++) {
-            const float *xr = xb + r * ldx;
-            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
-            acc[r][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1 % NA]);
-            acc[r][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2 % NA]);
-            acc[r][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3 % NA]);
-        }
+        block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
     float tail[MAX_ROWS] = {0};
     if (Bn) {  /* fused LoRA expand: row r adds h[r, slice] . B[slot(r), n, :] */
@@ -98,10 +110,7 @@ static inline __attribute__((always_inline)) void q80_row(
      * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
     const int NA = MT <= 2 ? 4 : (MT <= 4 ? 2 : 1);
     __m256 acc[MAX_ROWS][4];
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; r++)
-#pragma GCC unroll 4
-        for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();
+    acc_zero(acc, MT, NA);
     for (long b = 0; b < nb; b++) {
         const __m256 d = _mm256_broadcast_ss(dd + b);
         const int8_t *q = qs + QK * b;
@@ -109,15 +118,7 @@ static inline __attribute__((always_inline)) void q80_row(
         const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)))), d);
         const __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16)))), d);
         const __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)))), d);
-        const float *xb = x + QK * b;
-#pragma GCC unroll 8
-        for (int r = 0; r < MT; r++) {
-            const float *xr = xb + r * ldx;
-            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
-            acc[r][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1 % NA]);
-            acc[r][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2 % NA]);
-            acc[r][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3 % NA]);
-        }
+        block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
