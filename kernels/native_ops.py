@@ -2,7 +2,8 @@
 
 One call is one ``coe_lora_add`` of ``native/lora.c`` (AVX2 + FMA, OpenMP over both cores): the
 shrink and expand of every active slot, with each slot's A and B read once for all its tokens.
-Steps it does not cover (more than ``MAX_TOKENS`` tokens, ranks above ``MAX_RANK``, half
+Steps it does not cover (more than ``MAX_TOKENS`` tokens, or more than ``SINGLE_SLOT_MAX_TOKENS``
+on one slot, ranks above ``MAX_RANK``, half
 precision, GPU tensors, strided columns, B stacks that are not transposed views of a contiguous
 [S, r, d_out] tensor) go to the torch backend, as does everything where the library cannot be
 built (``kernels.native``).
@@ -25,7 +26,13 @@ import torch
 from kernels import native, torch_ops
 from kernels.meta import LoRAMeta
 
-MAX_TOKENS = 64  # longer steps (prefill chunks) go to torch, whose GEMMs win there
+# Steps up to MAX_TOKENS run in C; longer ones, and one-slot steps longer than
+# SINGLE_SLOT_MAX_TOKENS, go to torch. Measured on the 2-core CPU, 120 calls of SmolLM2's r=16
+# all-linear shapes (8 slots, weights out of cache), 480 tokens: over 8 slots (60 each, a
+# prefill of 8 prompts) C 160-164 ms vs torch 233-256; all on one slot C 196-203 vs torch
+# 153-165 (one big GEMM per projection is MKL's best case).
+MAX_TOKENS = 4096
+SINGLE_SLOT_MAX_TOKENS = 64
 MAX_RANK = 64  # the kernel keeps a few tokens' r scaled shrink values on the stack
 MAX_SLICES = 8
 _SRC = Path(__file__).with_name("native") / "lora.c"
@@ -117,6 +124,7 @@ def add_lora_packed(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     call, else through the torch backend."""
     desc, ref, _ = _stack(A, B, scale, output_slices)
     if (desc is None or meta.num_tokens > MAX_TOKENS or y.dtype != torch.float32 or x.dtype != torch.float32
+            or (meta.num_tokens > SINGLE_SLOT_MAX_TOKENS and len(meta.active_slots_host) == 1)
             or y.device.type != "cpu" or x.stride(1) != 1 or y.stride(1) != 1 or library() is None):
         return torch_ops.add_lora_packed(y, x, A, B, meta, scale, output_slices)
     library().coe_lora_add(ref, step_descriptor(meta, desc.n * desc.R), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
@@ -127,6 +135,7 @@ def covers(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m
            scale: float | torch.Tensor, output_slices: tuple[int, ...]) -> bool:
     """Whether this call runs in C (else it goes to the torch backend)."""
     return (_stack(A, B, scale, tuple(output_slices))[0] is not None and meta.num_tokens <= MAX_TOKENS
+            and not (meta.num_tokens > SINGLE_SLOT_MAX_TOKENS and len(meta.active_slots_host) == 1)
             and y.dtype == torch.float32 and x.dtype == torch.float32 and y.device.type == "cpu"
             and x.stride(1) == 1 and y.stride(1) == 1 and library() is not None)
 

@@ -587,7 +587,7 @@ class Transformer:
         for layer in self.layers:
             for stack in layer.lora.values():
                 # With the C kernels, steps of up to 16 rows fuse their LoRA into the block kernel and
-                # up to 64 run kernels' C backend, which is as fast as the dense path (16 rows on one
+                # other decode steps run kernels' C backend, as fast as the dense path (16 rows on one
                 # adapter: 94.2 vs 92.8 ms a step): B_dense would only cost memory and slot-write time.
                 native = self._cpu32 and native_library() is not None
                 stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._cpu32 and not native, fused=native)
@@ -713,10 +713,12 @@ class Transformer:
             neg_mask = ~mask if manual and mask is not None else None
             scale = self._attn_scale
         decode_only = Bd == T
-        # Steps with prompt tokens take kernels' torch backend: its GEMMs sum in the order
-        # transformers+PEFT does, so prefill logits match PEFT to ~2e-5 (the C backend, equally
-        # accurate against float64, lands 2.6e-4 away on SmolLM2 after 30 layers of reordering).
-        lora_backend = None if decode_only or not self._cpu32 else "torch"
+        # Steps with prompt tokens on one adapter take kernels' torch backend: its GEMMs sum in
+        # the order transformers+PEFT does, so prefill logits match PEFT to ~2e-5 (the C backend,
+        # equally accurate against float64, lands 2.6e-4 away on SmolLM2 after 30 layers of
+        # reordering). Over several adapters neither matches PEFT's order, and the C backend is
+        # faster (a 12 x 40-token prefill over 8 adapters: see kernels.native_ops.MAX_TOKENS).
+        lora_backend = None if decode_only or not self._cpu32 or len(meta.active_slots_host) > 1 else "torch"
         NQK = H + K
         half = D // 2
         I = a.intermediate_size
@@ -791,11 +793,12 @@ class Transformer:
         in one matmul, then ``add_lora_dense`` masks it to each token's own slot and adds the
         expand (one ``mul_`` when slots are mixed, one ``addmm_``): 2-3 ops where the
         gather/bmm/scatter of ``add_lora_packed``'s torch backend takes ~10. Other steps use
-        ``add_lora_packed``: up to 64 tokens (decode over many adapters) in its C backend
-        (``kernels.native_ops``, one call that reads each slot's A and B once), longer ones
-        (prefill) in torch. The C backend also covers one adapter, but measured per decode step
-        (interleaved A/B, SmolLM2, r=16 all-linear, 2 cores) the dense path was as fast at 16 rows
-        (92.8 vs 94.2 ms) and faster at 1 row (+4.9 vs +8.2 ms over the base step), so it stays.
+        ``add_lora_packed``: decode steps and prompts over several adapters in its C backend
+        (``kernels.native_ops``, one call that reads each slot's A and B once), prompts on one
+        adapter in torch (PEFT's summation order). Where the C kernels exist, no stack has a
+        ``B_dense`` and this dense path is off: steps of up to 16 rows fuse their LoRA into the
+        block kernel, and the C backend was as fast as the dense path at 16 rows (94.2 vs 92.8 ms
+        a decode step, interleaved A/B, SmolLM2, r=16 all-linear, 2 cores).
 
         Measured: appending A's rows to the base weight so that one matmul yields both (one op
         less) saved ~2% of a step but made the base columns' rounding depend on how many slots

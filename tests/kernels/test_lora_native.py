@@ -61,10 +61,27 @@ def test_zero_b_adds_exactly_nothing():
     assert not torch.equal(y[0], p.y[0])
 
 
+def test_prefill_sized_steps_over_many_slots():
+    """Prompt chunks of several sequences (contiguous runs of one slot each), 300 tokens."""
+    slots = torch.repeat_interleave(torch.tensor([2, -1, 0, 1, 2, 0]), torch.tensor([60, 20, 90, 40, 50, 40]))
+    p = _engine_layout(Problem(300, 3, 16, d_in=96, output_slices=(96, 32, 32), slots=slots, seed=8))
+    assert native_ops.covers(p.y, p.x, p.A, p.B, LoRAMeta.build(slots, 3), p.scale, p.output_slices)
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    p.check(y)
+
+
 def test_uncovered_calls_fall_back_to_torch():
-    # too many tokens, a contiguous [S, d_out, r] B, half precision: still correct (torch path)
-    slots = slot_pattern("many", 100, 3, seed=4)
-    p = Problem(100, 3, 8, d_in=64, output_slices=(32, 32), slots=slots, seed=4)
+    # one slot over many tokens (MKL's GEMMs win), a contiguous [S, d_out, r] B, half precision:
+    # still correct (torch path)
+    slots = slot_pattern("one", 100, 3, seed=4)
+    p = _engine_layout(Problem(100, 3, 8, d_in=64, output_slices=(32, 32), slots=slots, seed=4))
+    assert not native_ops.covers(p.y, p.x, p.A, p.B, LoRAMeta.build(slots, 3), p.scale, p.output_slices)
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    p.check(y)
+    slots = slot_pattern("many", 10, 3, seed=4)
+    p = Problem(10, 3, 8, d_in=64, output_slices=(32, 32), slots=slots, seed=4)  # B not in the engine's layout
     assert not native_ops.covers(p.y, p.x, p.A, p.B, LoRAMeta.build(slots, 3), p.scale, p.output_slices)
     y = p.y.clone()
     add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
