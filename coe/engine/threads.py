@@ -67,7 +67,7 @@ BACKGROUND_NICE = 10
 
 
 def background_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux: per-thread nice ``BACKGROUND_NICE``), for
+    """Lower the calling thread's CPU priority (Linux: its nice value plus ``BACKGROUND_NICE``), for
     work that must not slow the decode loop: adapter reads. Why: a decode step splits its work
     over both cores and waits for the slower half, so a reader holding one core at equal
     priority stretches every step it overlaps (a 16-stream bench saw inter-token gaps of 2-2.5x
@@ -75,7 +75,8 @@ def background_priority() -> None:
     loop leaves (sampling, scheduling); alone on an idle machine it loads as fast as before.
     Raising niceness needs no privilege; where it fails the thread keeps its priority."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
     except (AttributeError, OSError):
         pass
 

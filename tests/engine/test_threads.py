@@ -48,3 +48,21 @@ def test_one_thread_limits_mkl_too_and_passes_arguments():
     grown = min(run_in_fresh_thread(lambda: one_thread(work)(0)) for _ in range(3))
     if "OpenMP" in torch.__config__.parallel_info() and torch.get_num_threads() > 1:
         assert grown == 0
+
+
+def test_background_compute_lowers_only_the_reader_thread():
+    import os
+    import threading
+
+    from coe.engine.threads import BACKGROUND_NICE, background_compute
+
+    if not hasattr(os, "setpriority"):
+        pytest.skip("no per-thread priorities on this platform")
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def inside() -> int:
+        background_compute()
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert run_in_fresh_thread(inside) == min(19, mine + BACKGROUND_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller is untouched
