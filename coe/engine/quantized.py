@@ -45,7 +45,8 @@ QK = 32  # GGUF block size of Q4_1 and Q8_0
 KINDS = ("q4_1", "q8_0")
 _SRC = Path(__file__).with_name("native") / "qmatmul.c"
 _KERNELS_C = Path(native.__file__).with_name("native")  # lora_shrink.h, shared with kernels' C backend
-_ABI = 2
+_ABI = 3
+MAX_FUSED_ROWS = 16  # MAX_FUSED in qmatmul.c: the most rows a call with a fused LoRA may have
 _P, _L, _I64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int64
 MAX_SLICES = 8
 
@@ -53,7 +54,7 @@ MAX_SLICES = 8
 class LoRARows(ctypes.Structure):
     """``lora_rows`` of ``qmatmul.c``: one stacked projection's LoRA for the fused kernel."""
 
-    _fields_ = [("A", _P), ("B", _P), ("R", _I64), ("n", _I64), ("bounds", _I64 * (MAX_SLICES + 1))]
+    _fields_ = [("A", _P), ("P", _P), ("R", _I64), ("n", _I64), ("bounds", _I64 * (MAX_SLICES + 1))]
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
@@ -74,14 +75,17 @@ def native_library() -> ctypes.CDLL | None:
     return native.load(_SRC, _setup, include=(_KERNELS_C,))
 
 
-def lora_rows(A: torch.Tensor, B_rows: torch.Tensor, output_slices: tuple[int, ...]) -> Any:
+def lora_rows(A: torch.Tensor, B_panels: torch.Tensor, output_slices: tuple[int, ...]) -> Any:
     """A pointer to the C descriptor of one stacked projection's LoRA (A [S, n*R, K] with the
-    scaling folded in, B_rows [S, N, R] contiguous), for :meth:`BlockWeight.matmul`. The caller
-    keeps the tensors alive (they are read live: slot writes show)."""
+    scaling folded in, B_panels [S, N/8, R, 8]: B^T in blocks of 8 outputs), for
+    :meth:`BlockWeight.matmul`; None where the kernel cannot fuse it (a slice width that is not
+    a multiple of 8). The caller keeps the tensors alive (read live: slot writes show)."""
+    if any(d % 8 for d in output_slices) or len(output_slices) > MAX_SLICES:
+        return None
     bounds = [0]
     for d in output_slices:
         bounds.append(bounds[-1] + d)
-    desc = LoRARows(A.data_ptr(), B_rows.data_ptr(), B_rows.shape[2], len(output_slices),
+    desc = LoRARows(A.data_ptr(), B_panels.data_ptr(), B_panels.shape[2], len(output_slices),
                     (_I64 * (MAX_SLICES + 1))(*bounds))
     return ctypes.pointer(desc)
 
@@ -117,7 +121,7 @@ class BlockWeight:
         """``x @ W.T``: float32 [M, K] -> [M, N], on the native kernel (the caller checks
         :func:`native_library`). ``lora`` = (:func:`lora_rows` pointer, the step's
         ``kernels.native_ops.step_descriptor``) adds each row's adapter delta in the same pass
-        (``q4_1`` only)."""
+        (``q4_1`` only, at most ``MAX_FUSED_ROWS`` rows)."""
         lib = native_library()
         n, k = self.shape
         x = x.contiguous()

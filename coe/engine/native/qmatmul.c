@@ -24,6 +24,8 @@
 
 #define QK 32
 #define MAX_ROWS 8
+#define NBLK 8        /* outputs per block of the fused LoRA expand (one AVX vector) */
+#define MAX_FUSED 16  /* rows a fused call may have (the engine's BLOCK_MAX_ROWS) */
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -60,8 +62,7 @@ static inline __attribute__((always_inline)) void block_fma(__m256 acc[][4], __m
  * inlining, so acc[] stays in registers). */
 static inline __attribute__((always_inline)) void q41_row(
     const uint8_t *qs, const float *dm, const float *x, long ldx, float *y, long ldy,
-    long n, long nb, const float *Bn, long sstride, const float *hb, long nR, long R, const int32_t *slots,
-    const int MT)
+    long n, long nb, const float *ex, const int MT)
 {
     /* NA independent accumulators per row: one chain of FMAs per row would wait on the FMA
      * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
@@ -81,24 +82,12 @@ static inline __attribute__((always_inline)) void q41_row(
         const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
         block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
-    float tail[MAX_ROWS] = {0};
-    if (Bn) {  /* fused LoRA expand: row r adds h[r, slice] . B[slot(r), n, :] */
-        for (int r = 0; r < MT; r++) {
-            const long s = slots[r];
-            if (s < 0) continue;
-            const float *hv = hb + r * nR, *bv = Bn + s * sstride;
-            long k = 0;
-            for (; k + 8 <= R; k += 8)
-                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(hv + k), _mm256_loadu_ps(bv + k), acc[r][0]);
-            for (; k < R; k++) tail[r] += hv[k] * bv[k];
-        }
-    }
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
         __m256 a = acc[r][0];
         if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
         if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
-        y[r * ldy + n] = hsum(a) + tail[r];
+        y[r * ldy + n] = ex ? hsum(a) + ex[r * NBLK] : hsum(a);  /* the row's LoRA delta, added once */
     }
 }
 
@@ -136,39 +125,71 @@ static inline __attribute__((always_inline)) void q80_row(
     case 5: FN(__VA_ARGS__, 5); break; case 6: FN(__VA_ARGS__, 6); break; \
     case 7: FN(__VA_ARGS__, 7); break; default: FN(__VA_ARGS__, 8); break; }
 
-/* A stacked projection's LoRA for the fused kernel: A [S, nR, K] (scale folded in), B [S, N, R]
- * (row n holds the rank vector of n's own slice), slices ending at bounds[1..n]. */
+/* A stacked projection's LoRA for the fused kernel: A [S, nR, K] (scale folded in) and B as
+ * panels [S, N/8, R, 8] (B^T cut into blocks of 8 outputs, each block's R x 8 values
+ * contiguous), slices ending at bounds[1..n] (multiples of 8, checked by the caller). */
 typedef struct {
-    const float *A, *B;
+    const float *A, *P;
     int64_t R, n;
     int64_t bounds[9];
 } lora_rows;
 
+/* ex[t, 0:8] = h[t, slice i] @ B^T[slot(t), :, n0:n0+8] for the block of outputs starting at n0
+ * (zero for rows without a slot): each active slot's 512-byte panel is read once for up to 4 of
+ * its tokens at a time, one FMA per token per rank (per-output dot products over the rank,
+ * tried first, took ~6x the instructions per FMA and ~12% of a 16-row call). */
+static inline void lora_expand_block(const lora_rows *lr, const lora_step *sp, long nR, long N, long M, long blk, long i,
+                                     float *ex)
+{
+    const long R = lr->R;
+    for (long t = 0; t < M * NBLK; t++) ex[t] = 0.0f;
+    for (long u = 0; u < sp->U; u++) {
+        const long s = sp->seg_slot[u];
+        const float *panel = lr->P + ((s * (N / NBLK) + blk) * R) * NBLK;
+        const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
+        for (long q = q0; q < q1; q += 4) {
+            const int nt = q1 - q < 4 ? (int)(q1 - q) : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            const float *ht[4];
+            for (int g = 0; g < nt; g++) ht[g] = sp->h + (long)sp->order[q + g] * nR + i * R;
+            for (long r = 0; r < R; r++) {
+                const __m256 bv = _mm256_loadu_ps(panel + r * NBLK);
+                for (int g = 0; g < nt; g++) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(ht[g] + r), bv, acc[g]);
+            }
+            for (int g = 0; g < nt; g++) _mm256_storeu_ps(ex + (long)sp->order[q + g] * NBLK, acc[g]);
+        }
+    }
+}
+
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T (+ each row's LoRA when lr is not
- * NULL), W in Q4_1: qs [N, K/2], dm [N, K/32, 2]. One OpenMP region: the LoRA shrink of every
- * active slot (h), then every output n for all row tiles, so a weight row is read from memory
- * once per step and its LoRA expand rides in the same dot product (added to the accumulators
- * before their final sum: a zero B adds exactly nothing). */
+ * NULL; then M <= MAX_FUSED and N a multiple of 8), W in Q4_1: qs [N, K/2], dm [N, K/32, 2].
+ * One OpenMP region: the LoRA shrink of every active slot (h), then blocks of 8 outputs: the
+ * block's LoRA expand for every row (ex), then each output's base dot products for all row
+ * tiles (a weight row is read from memory once per step), the expand added after the base sum
+ * (a zero B adds exactly nothing). */
 void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
                          long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
     const long nb = K / QK;
-    const long R = lr ? lr->R : 0, nR = lr ? lr->R * lr->n : 0;
+    const long nR = lr ? lr->R * lr->n : 0;
 #pragma omp parallel num_threads(nthreads)
     {
+        float ex[MAX_FUSED * NBLK];
         if (lr) lora_shrink_for(lr->A, nR, K, x, ldx, sp);  /* ends with a barrier: h is complete */
 #pragma omp for schedule(static)
-        for (long n = 0; n < N; n++) {
-            const float *Bn = NULL;
-            long i = 0;
+        for (long blk = 0; blk < (N + NBLK - 1) / NBLK; blk++) {
+            const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
             if (lr) {
-                while (n >= lr->bounds[i + 1]) i++;
-                Bn = lr->B + n * R;
+                long i = 0;
+                while (n0 >= lr->bounds[i + 1]) i++;
+                lora_expand_block(lr, sp, nR, N, M, blk, i, ex);
             }
-            for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
-                const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-                TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb,
-                           Bn, N * R, lr ? sp->h + r0 * nR + i * R : NULL, nR, R, lr ? sp->row_slot + r0 : NULL)
+            for (long n = n0; n < n1; n++) {
+                for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
+                    const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+                    TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb,
+                               lr ? ex + r0 * NBLK + (n - n0) : NULL)
+                }
             }
         }
     }
@@ -194,4 +215,4 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
     }
 }
 
-int coe_native_abi(void) { return 2; }
+int coe_native_abi(void) { return 3; }
