@@ -58,6 +58,20 @@ static inline __attribute__((always_inline)) void block_fma(__m256 acc[][4], __m
     }
 }
 
+/* y[r, n] = the sum of row r's accumulators (+ ex[r * NBLK], the row's LoRA delta, when ex is
+ * not NULL: added once, after the base sum). */
+static inline __attribute__((always_inline)) void acc_store(__m256 acc[][4], float *y, long ldy, long n,
+                                                            const float *ex, const int MT, const int NA)
+{
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        __m256 a = acc[r][0];
+        if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
+        if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
+        y[r * ldy + n] = ex ? hsum(a) + ex[r * NBLK] : hsum(a);
+    }
+}
+
 /* One output element per row of the tile, for MT rows of x (MT a compile-time constant after
  * inlining, so acc[] stays in registers). */
 static inline __attribute__((always_inline)) void q41_row(
@@ -82,13 +96,7 @@ static inline __attribute__((always_inline)) void q41_row(
         const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
         block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; r++) {
-        __m256 a = acc[r][0];
-        if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
-        if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
-        y[r * ldy + n] = ex ? hsum(a) + ex[r * NBLK] : hsum(a);  /* the row's LoRA delta, added once */
-    }
+    acc_store(acc, y, ldy, n, ex, MT, NA);
 }
 
 static inline __attribute__((always_inline)) void q80_row(
@@ -109,13 +117,7 @@ static inline __attribute__((always_inline)) void q80_row(
         const __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)))), d);
         block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; r++) {
-        __m256 a = acc[r][0];
-        if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
-        if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
-        y[r * ldy + n] = hsum(a);
-    }
+    acc_store(acc, y, ldy, n, NULL, MT, NA);
 }
 
 #define TILE_CASES(FN, ...) \
