@@ -75,7 +75,9 @@ class CoeRequest(Request):
 
     msgspec raises ``RecursionError`` on pathological nesting (``[[[[...]]]]``); that is the
     client's fault, but a ``RecursionError`` anywhere else is a bug, so only the decode maps it.
-    Its other errors ("Input data was truncated") are reworded to say the body is not JSON.
+    Its other errors ("Input data was truncated") are reworded to say the body is not JSON,
+    except for bytes that are not UTF-8, which re-raise as ``UnicodeDecodeError`` (a 400
+    ``invalid_utf8`` naming the byte).
     """
 
     async def json(self) -> Any:
@@ -84,6 +86,9 @@ class CoeRequest(Request):
         except RecursionError:
             raise InvalidRequest("the request body is nested too deeply to decode; send a flat OpenAI-style JSON object") from None
         except SerializationException as exc:
+            # msgspec 0.23 reports bad UTF-8 as malformed JSON (0.22 raised UnicodeDecodeError):
+            # say which, with the byte, whatever the version (errors.py maps it to invalid_utf8).
+            (await self.body()).decode("utf-8")
             detail = str(exc.detail or exc).removeprefix("JSON is malformed: ")
             raise InvalidRequest(f"the request body is not valid JSON ({detail}); send one JSON object") from None
 
