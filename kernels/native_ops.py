@@ -123,21 +123,25 @@ def add_lora_packed(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     """``kernels.add_lora_packed`` (arguments already checked): in C when :func:`covers` the
     call, else through the torch backend."""
     desc, ref, _ = _stack(A, B, scale, output_slices)
-    if (desc is None or meta.num_tokens > MAX_TOKENS or y.dtype != torch.float32 or x.dtype != torch.float32
-            or (meta.num_tokens > SINGLE_SLOT_MAX_TOKENS and len(meta.active_slots_host) == 1)
-            or y.device.type != "cpu" or x.stride(1) != 1 or y.stride(1) != 1 or library() is None):
+    lib = library()
+    if desc is None or lib is None or not _step_fits(y, x, meta):
         return torch_ops.add_lora_packed(y, x, A, B, meta, scale, output_slices)
-    library().coe_lora_add(ref, step_descriptor(meta, desc.n * desc.R), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
+    lib.coe_lora_add(ref, step_descriptor(meta, desc.n * desc.R), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
     return y
+
+
+def _step_fits(y: torch.Tensor, x: torch.Tensor, meta: LoRAMeta) -> bool:
+    """The per-call half of :func:`covers` (the stack's half is cached by ``_stack``)."""
+    return (meta.num_tokens <= MAX_TOKENS
+            and not (meta.num_tokens > SINGLE_SLOT_MAX_TOKENS and len(meta.active_slots_host) == 1)
+            and y.dtype == torch.float32 and x.dtype == torch.float32 and y.device.type == "cpu"
+            and x.stride(1) == 1 and y.stride(1) == 1)
 
 
 def covers(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, meta: LoRAMeta,
            scale: float | torch.Tensor, output_slices: tuple[int, ...]) -> bool:
     """Whether this call runs in C (else it goes to the torch backend)."""
-    return (_stack(A, B, scale, tuple(output_slices))[0] is not None and meta.num_tokens <= MAX_TOKENS
-            and not (meta.num_tokens > SINGLE_SLOT_MAX_TOKENS and len(meta.active_slots_host) == 1)
-            and y.dtype == torch.float32 and x.dtype == torch.float32 and y.device.type == "cpu"
-            and x.stride(1) == 1 and y.stride(1) == 1 and library() is not None)
+    return _stack(A, B, scale, tuple(output_slices))[0] is not None and library() is not None and _step_fits(y, x, meta)
 
 
 def add_lora(y, x, A, B, meta, scale) -> torch.Tensor:

@@ -483,6 +483,7 @@ class Transformer:
         self.rope_cos: torch.Tensor | None = None  # [max_len, D]
         self.rope_sin: torch.Tensor | None = None  # [max_len, D], first half negated (see from_state)
         self.num_lora_slots = 0
+        self._dense_lora = False  # the stacks have B_dense (allocate_lora)
         self.slot_groups: list[list[int]] = []  # per slot, per layer: GROUP_BITS mask of its weights
         self._eps = torch.tensor(args.norm_eps, dtype=torch.float32, device=device)
         self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
@@ -588,13 +589,14 @@ class Transformer:
 
     def allocate_lora(self, num_slots: int, rank: int) -> None:
         """(Re)allocate every layer's LoRA stacks as zeros: ``num_slots`` slots of rank ``rank``."""
+        # With the C kernels, steps of up to 16 rows fuse their LoRA into the block kernel and other
+        # decode steps run kernels' C backend, as fast as the dense path (16 rows on one adapter:
+        # 94.2 vs 92.8 ms a step): B_dense would only cost memory and slot-write time.
+        native = self._cpu32 and native_library() is not None
+        self._dense_lora = self._cpu32 and not native
         for layer in self.layers:
             for stack in layer.lora.values():
-                # With the C kernels, steps of up to 16 rows fuse their LoRA into the block kernel and
-                # other decode steps run kernels' C backend, as fast as the dense path (16 rows on one
-                # adapter: 94.2 vs 92.8 ms a step): B_dense would only cost memory and slot-write time.
-                native = self._cpu32 and native_library() is not None
-                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._cpu32 and not native, fused=native)
+                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._dense_lora, fused=native)
         self.num_lora_slots = num_slots
         self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
 
@@ -697,7 +699,7 @@ class Transformer:
         groups = self._step_groups(meta) if use_lora else None
         # dense LoRA (see _lora_proj): small steps whose adapters sit in at most 2 adjacent slots
         dense = None  # (lo, k): this step's LoRA runs densely over slots lo..lo+k-1
-        if use_lora and T <= DENSE_LORA_MAX_ROWS:
+        if use_lora and self._dense_lora and T <= DENSE_LORA_MAX_ROWS:
             lo = meta.active_slots_host[0]
             k = meta.active_slots_host[-1] - lo + 1
             if k <= DENSE_LORA_MAX_SLOTS:

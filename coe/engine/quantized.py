@@ -230,13 +230,11 @@ def gguf_blocks(gguf: Path, cache_dir: Path) -> dict[str, BlockWeight]:
     path = cache_dir / BLOCKS_FILE
     if path.is_file():
         try:
-            flat = load_file(str(path))
-            out: dict[str, BlockWeight] = {}
-            for key, t in flat.items():
+            parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+            for key, t in load_file(str(path)).items():
                 name, kind, part = key.rsplit(":", 2)
-                bw = out.setdefault(name, BlockWeight(kind, t, t))
-                setattr(bw, part, t)
-            return out
+                parts.setdefault((name, kind), {})[part] = t
+            return {name: BlockWeight(kind, p["qs"], p["scales"]) for (name, kind), p in parts.items()}
         except Exception as exc:  # a damaged cache file is rebuilt, never trusted
             logger.warning("rebuilding %s: %s", path, exc)
     logger.info("reading %s's quantized blocks once (a few seconds); cached in %s", gguf.name, path)
