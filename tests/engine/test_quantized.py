@@ -222,3 +222,72 @@ def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, blo
     assert (fused - separate).abs().max() < 1e-4 and (fused - f32).abs().max() < 1e-4
     assert (fused[0] - fused[1]).abs().max() > 1e-3  # the adapter does change its row
     assert torch.equal(fused[2], fused[1])  # zero B: exactly the base row
+
+
+def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k: int = 96, S: int = 4, seed: int = 0):
+    """Block weights, a stacked LoRA in the fused kernel's layout (A [S, n*R, K], B panels
+    [S, N/8, R, 8]) and the float64 reference of ``x @ W.T`` plus each row's delta."""
+    from kernels import LoRAMeta, native_ops
+    from coe.engine.quantized import lora_rows
+
+    g = torch.Generator().manual_seed(seed)
+    n_out = sum(slices)
+    w = quantize_blocks(torch.randn(n_out, k, generator=g), "q4_1")
+    A = torch.randn(S, len(slices) * rank, k, generator=g) * 0.1
+    B = torch.randn(S, n_out, rank, generator=g) * 0.1
+    x = torch.randn(T, k, generator=g)
+    want = x.double() @ w.dequantize().double().t()
+    for t, s in enumerate(slots):
+        if s < 0:
+            continue
+        h = A[s].double() @ x[t].double()
+        off = 0
+        for i, d in enumerate(slices):
+            want[t, off : off + d] += B[s, off : off + d].double() @ h[i * rank : (i + 1) * rank]
+            off += d
+    panels = B.view(S, n_out // 8, 8, rank).permute(0, 1, 3, 2).contiguous()
+    rows = lora_rows(A, panels, slices)
+    meta = LoRAMeta.build(torch.tensor(slots), S)
+
+    def run(sel: list[int] | None = None, lora: bool = True) -> torch.Tensor:
+        idx = list(range(T)) if sel is None else sel
+        m = meta if sel is None else LoRAMeta.build(torch.tensor([slots[i] for i in idx]), S)
+        return w.matmul(x[idx], (rows, native_ops.step_descriptor(m, A.shape[1])) if lora else None)
+
+    return run, want, (A, panels)  # A and panels kept alive with the descriptor
+
+
+@needs_native
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("rank", [4, 6, 16])
+@pytest.mark.parametrize("pattern", ["one", "mixed", "with_base"])
+def test_fused_kernel_against_float64(T, rank, pattern):
+    """The fused block kernel (base + each row's LoRA in one call) against a float64 oracle, for
+    tiles of every token count, ranks not a multiple of the kernel's tiles, three slices, one or
+    two threads (bit-identical: the split over threads changes no sum). A row alone agrees with
+    the batch to float32 rounding (the base kernel's accumulators per row depend on the tile)."""
+    slots = {"one": [2] * T, "mixed": [t % 4 for t in range(T)], "with_base": [(-1 if t % 3 == 1 else t % 4) for t in range(T)]}[pattern]
+    run, want, _keep = _fused_case(T, rank, slots, (64, 16, 24), seed=T * 100 + rank)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            got = run()
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), (got.double() - want).abs().max()
+            outs.append(got)
+        assert torch.equal(outs[0], outs[1])
+        for t in range(T):
+            assert torch.allclose(run([t])[0], outs[1][t], rtol=1e-6, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_fused_kernel_zero_b_rows_equal_base_exactly():
+    """Adapters whose B is zero leave every row exactly as the base kernel computes it."""
+    slots = [0, 1, -1, 1, 0]
+    run, want, (A, panels) = _fused_case(5, 8, slots, (32, 16), seed=9)
+    assert not torch.allclose(run(), run(lora=False), atol=1e-3)
+    panels.zero_()
+    assert torch.equal(run(), run(lora=False))

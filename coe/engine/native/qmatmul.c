@@ -58,17 +58,16 @@ static inline __attribute__((always_inline)) void block_fma(__m256 acc[][4], __m
     }
 }
 
-/* y[r, n] = the sum of row r's accumulators (+ ex[r * NBLK], the row's LoRA delta, when ex is
- * not NULL: added once, after the base sum). */
+/* y[r, n] = the sum of row r's accumulators. */
 static inline __attribute__((always_inline)) void acc_store(__m256 acc[][4], float *y, long ldy, long n,
-                                                            const float *ex, const int MT, const int NA)
+                                                            const int MT, const int NA)
 {
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
         __m256 a = acc[r][0];
         if (NA > 1) a = _mm256_add_ps(a, acc[r][1]);
         if (NA > 2) a = _mm256_add_ps(a, _mm256_add_ps(acc[r][2], acc[r][3]));
-        y[r * ldy + n] = ex ? hsum(a) + ex[r * NBLK] : hsum(a);
+        y[r * ldy + n] = hsum(a);
     }
 }
 
@@ -76,7 +75,7 @@ static inline __attribute__((always_inline)) void acc_store(__m256 acc[][4], flo
  * inlining, so acc[] stays in registers). */
 static inline __attribute__((always_inline)) void q41_row(
     const uint8_t *qs, const float *dm, const float *x, long ldx, float *y, long ldy,
-    long n, long nb, const float *ex, const int MT)
+    long n, long nb, const int MT)
 {
     /* NA independent accumulators per row: one chain of FMAs per row would wait on the FMA
      * latency (4 dependent FMAs a block); few rows leave registers for more chains. */
@@ -96,7 +95,7 @@ static inline __attribute__((always_inline)) void q41_row(
         const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
         block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
-    acc_store(acc, y, ldy, n, ex, MT, NA);
+    acc_store(acc, y, ldy, n, MT, NA);
 }
 
 static inline __attribute__((always_inline)) void q80_row(
@@ -117,7 +116,7 @@ static inline __attribute__((always_inline)) void q80_row(
         const __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)))), d);
         block_fma(acc, w0, w1, w2, w3, x + QK * b, ldx, MT, NA);
     }
-    acc_store(acc, y, ldy, n, NULL, MT, NA);
+    acc_store(acc, y, ldy, n, MT, NA);
 }
 
 #define TILE_CASES(FN, ...) \
@@ -136,62 +135,154 @@ typedef struct {
     int64_t bounds[9];
 } lora_rows;
 
-/* ex[t, 0:8] = h[t, slice i] @ B^T[slot(t), :, n0:n0+8] for the block of outputs starting at n0
- * (zero for rows without a slot): each active slot's 512-byte panel is read once for up to 4 of
- * its tokens at a time, one FMA per token per rank (per-output dot products over the rank,
- * tried first, took ~6x the instructions per FMA and ~12% of a 16-row call). */
-static inline void lora_expand_block(const lora_rows *lr, const lora_step *sp, long nR, long N, long M, long blk, long i,
-                                     float *ex)
+/* y[t, 8c:8c+8] += h_t . panel_c for NT tokens of one slot and NB blocks of 8 outputs: a
+ * register tile of NT x NB accumulators (8 when it can: independent FMA chains hide the FMA
+ * latency), each summing the rank in order (one chain), so a token's output does not depend on
+ * the tile it was computed in (alone or in a batch), and a zero panel adds exactly +0.0. Per
+ * rank step: NB panel loads and NT broadcasts for NT * NB FMAs. */
+static inline __attribute__((always_inline)) void expand_tile(const float *const *panel, const float *const *ht, long R,
+                                                              float *const *yt, const int NT, const int NB)
 {
-    const long R = lr->R;
-    for (long t = 0; t < M * NBLK; t++) ex[t] = 0.0f;
-    for (long u = 0; u < sp->U; u++) {
-        const long s = sp->seg_slot[u];
-        const float *panel = lr->P + ((s * (N / NBLK) + blk) * R) * NBLK;
-        const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
-        for (long q = q0; q < q1; q += 4) {
-            const int nt = q1 - q < 4 ? (int)(q1 - q) : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            const float *ht[4];
-            for (int g = 0; g < nt; g++) ht[g] = sp->h + (long)sp->order[q + g] * nR + i * R;
-            for (long r = 0; r < R; r++) {
-                const __m256 bv = _mm256_loadu_ps(panel + r * NBLK);
-                for (int g = 0; g < nt; g++) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(ht[g] + r), bv, acc[g]);
-            }
-            for (int g = 0; g < nt; g++) _mm256_storeu_ps(ex + (long)sp->order[q + g] * NBLK, acc[g]);
+    __m256 acc[TT][4];
+    for (int g = 0; g < NT; g++)
+        for (int c = 0; c < NB; c++) acc[g][c] = _mm256_setzero_ps();
+    for (long r = 0; r < R; r++) {
+        __m256 bv[4];
+        for (int c = 0; c < NB; c++) bv[c] = _mm256_loadu_ps(panel[c] + r * NBLK);
+        for (int g = 0; g < NT; g++) {
+            const __m256 hv = _mm256_broadcast_ss(ht[g] + r);
+            for (int c = 0; c < NB; c++) acc[g][c] = _mm256_fmadd_ps(hv, bv[c], acc[g][c]);
         }
+    }
+    for (int g = 0; g < NT; g++)
+        for (int c = 0; c < NB; c++)
+            _mm256_storeu_ps(yt[g] + c * NBLK, _mm256_add_ps(_mm256_loadu_ps(yt[g] + c * NBLK), acc[g][c]));
+}
+
+/* The LoRA delta of every row with a slot, added to y[:, 8 blk : 8 (blk + nblk)] for nblk (at
+ * most 4) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4 blocks. */
+static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, long nR, long N, long blk, int nblk,
+                                      long i, float *y, long ldy)
+{
+    const long R = lr->R, n0 = blk * NBLK;
+    for (long u = 0; u < sp->U; u++) {
+        const float *panel = lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + blk) * R) * NBLK;
+        const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
+        for (long q = q0; q < q1; q += TT) {
+            const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
+            const float *ht[TT];
+            float *yt[TT];
+            for (int g = 0; g < nt; g++) {
+                ht[g] = sp->h + (long)sp->order[q + g] * nR + i * R;
+                yt[g] = y + (long)sp->order[q + g] * ldy + n0;
+            }
+            for (int c = 0; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time */
+                const int nb = nt <= 2 && nblk - c >= 4 ? 4 : (nblk - c >= 2 ? 2 : 1);
+                const float *pc[4];
+                for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
+                float *yc[TT];
+                for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
+#define EXPAND_NT(NB) switch (nt) { \
+                case 4: expand_tile(pc, ht, R, yc, 4, NB); break; case 3: expand_tile(pc, ht, R, yc, 3, NB); break; \
+                case 2: expand_tile(pc, ht, R, yc, 2, NB); break; default: expand_tile(pc, ht, R, yc, 1, NB); break; }
+                if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
+#undef EXPAND_NT
+                c += nb;
+            }
+        }
+    }
+}
+
+/* [lo, hi) of n items for thread t of nt: contiguous, sizes differing by at most one. */
+static inline void split(long n, int t, int nt, long *lo, long *hi)
+{
+    const long q = n / nt, r = n % nt;
+    *lo = t * q + (t < r ? t : r);
+    *hi = *lo + q + (t < r);
+}
+
+/* Memory a thread reads later in the call (its share of the LoRA's A rows and B panels),
+ * prefetched a few cache lines per block while it computes the base outputs: the base loop is
+ * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (157 MB a
+ * step for SmolLM2 at r=16, more than the base's blocks) would otherwise be read in stalls. */
+#define PF_MAX (2 * MAX_FUSED + 2)
+typedef struct {
+    const char *p[PF_MAX];
+    long n[PF_MAX];
+    int k, i;
+    long off;
+} pf_list;
+
+static inline void pf_add(pf_list *l, const void *p, long bytes)
+{
+    if (bytes > 0 && l->k < PF_MAX) { l->p[l->k] = (const char *)p; l->n[l->k] = bytes; l->k++; }
+}
+
+static inline void pf_some(pf_list *l, long lines)
+{
+    while (lines > 0 && l->i < l->k) {
+        if (l->off >= l->n[l->i]) { l->i++; l->off = 0; continue; }
+        _mm_prefetch(l->p[l->i] + l->off, _MM_HINT_T1);
+        l->off += 64;
+        lines--;
     }
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T (+ each row's LoRA when lr is not
  * NULL; then M <= MAX_FUSED and N a multiple of 8), W in Q4_1: qs [N, K/2], dm [N, K/32, 2].
- * One OpenMP region: the LoRA shrink of every active slot (h), then blocks of 8 outputs: the
- * block's LoRA expand for every row (ex), then each output's base dot products for all row
- * tiles (a weight row is read from memory once per step), the expand added after the base sum
- * (a zero B adds exactly nothing). */
+ * One OpenMP region, each thread on its own contiguous blocks of 8 outputs:
+ *   1. the base dot products of its blocks for all row tiles (a weight row is read from memory
+ *      once per step), prefetching the A rows and B panels it needs next;
+ *   2. its share of the LoRA shrink h = A x of every active slot; a barrier (h complete);
+ *   3. the expand of its blocks (up to four at a time), added to y after the base sum (a zero B adds exactly nothing).
+ * No step of it depends on which rows share the call: a row's result is the same alone. */
 void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
                          long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
     const long nb = K / QK;
     const long nR = lr ? lr->R * lr->n : 0;
+    const long nblk = (N + NBLK - 1) / NBLK;
 #pragma omp parallel num_threads(nthreads)
     {
-        float ex[MAX_FUSED * NBLK];
-        if (lr) lora_shrink_for(lr->A, nR, K, x, ldx, sp);  /* ends with a barrier: h is complete */
-#pragma omp for schedule(static)
-        for (long blk = 0; blk < (N + NBLK - 1) / NBLK; blk++) {
-            const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
-            if (lr) {
-                long i = 0;
-                while (n0 >= lr->bounds[i + 1]) i++;
-                lora_expand_block(lr, sp, nR, N, M, blk, i, ex);
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long b0, b1, k0 = 0, k1 = 0, per = 0;
+        split(nblk, t, nt, &b0, &b1);
+        pf_list pf = {.k = 0, .i = 0, .off = 0};
+        if (lr) {
+            const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
+            split(lora_shrink_tasks(nR, sp), t, nt, &k0, &k1);
+            for (long u = k0 / np; u < sp->U && u * np < k1; u++) {  /* A rows of tasks k0..k1, per slot */
+                const long j0 = SHRINK_ROWS * (k0 > u * np ? k0 - u * np : 0);
+                const long j1 = k1 < (u + 1) * np ? SHRINK_ROWS * (k1 - u * np) : nR;
+                pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 4);
             }
+            for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1, per slot */
+                pf_add(&pf, lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + b0) * lr->R) * NBLK, (b1 - b0) * lr->R * NBLK * 4);
+            long lines = 0;
+            for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
+            per = b1 > b0 ? (lines + (b1 - b0) * NBLK - 1) / ((b1 - b0) * NBLK) : 0;  /* lines per output */
+        }
+        for (long blk = b0; blk < b1; blk++) {
+            const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
             for (long n = n0; n < n1; n++) {
+                if (per) pf_some(&pf, per);
                 for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
                     const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-                    TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb,
-                               lr ? ex + r0 * NBLK + (n - n0) : NULL)
+                    TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
                 }
+            }
+        }
+        if (lr) {
+            lora_shrink_range(lr->A, nR, K, x, ldx, sp, k0, k1);
+#pragma omp barrier
+            long i = 0;
+            for (long blk = b0; blk < b1;) {
+                while (blk * NBLK >= lr->bounds[i + 1]) i++;
+                long end = lr->bounds[i + 1] / NBLK;  /* up to 4 blocks, within the slice */
+                if (end > b1) end = b1;
+                const int nblk4 = end - blk < 4 ? (int)(end - blk) : 4;
+                lora_expand_blocks(lr, sp, nR, N, blk, nblk4, i, y, ldy);
+                blk += nblk4;
             }
         }
     }
