@@ -27,12 +27,15 @@ from kernels import native, torch_ops
 from kernels.meta import LoRAMeta
 
 # Steps up to MAX_TOKENS run in C; longer ones, and one-slot steps longer than
-# SINGLE_SLOT_MAX_TOKENS, go to torch. Measured on the 2-core CPU, 120 calls of SmolLM2's r=16
-# all-linear shapes (8 slots, weights out of cache), 480 tokens: over 8 slots (60 each, a
-# prefill of 8 prompts) C 160-164 ms vs torch 233-256; all on one slot C 196-203 vs torch
-# 153-165 (one big GEMM per projection is MKL's best case).
+# SINGLE_SLOT_MAX_TOKENS, go to torch (one big GEMM per projection is MKL's best case). Measured
+# on the 2-core CPU, 120 calls of SmolLM2's r=16 all-linear shapes (8 slots, weights out of
+# cache), C vs torch ms, all tokens on one slot / spread over 8: 1 token 5.6 vs 12.8 / 5.3 vs
+# 12.3; 16 tokens 8.9 vs 19.5 / 18.3 vs 42.0; 76 tokens 22.1 vs 40.8 / 31.3 vs 68.7; 480 tokens
+# 110.6 vs 123.6 / 99.0 vs 361.8; 1024 tokens 228.9 vs 219.2 / 186.1 vs 389.6; 2048 tokens 495.4
+# vs 383.9 / 373.3 vs 1172.1 (before the shrink and expand were register-tiled, one slot at 480
+# tokens took 196-203 ms in C and this limit was 64).
 MAX_TOKENS = 4096
-SINGLE_SLOT_MAX_TOKENS = 64
+SINGLE_SLOT_MAX_TOKENS = 768
 MAX_RANK = 64  # the kernel keeps a few tokens' r scaled shrink values on the stack
 MAX_SLICES = 8
 _SRC = Path(__file__).with_name("native") / "lora.c"

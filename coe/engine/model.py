@@ -206,6 +206,13 @@ CHUNK_MAX_ROWS = 256
 BLOCK_MAX_ROWS = 16
 # ...and add their LoRA in the same kernel call (``Transformer._lora_proj``).
 FUSED_LORA = True
+# Steps of prompt tokens only, on one adapter, in kernels' torch backend, whose GEMMs sum in the
+# order transformers+PEFT does: prefill logits within ~2e-5 of PEFT's on SmolLM2, against
+# ~2.6e-4 in C (equally accurate against float64, summed in another order), for ~10% of the
+# step's LoRA time (a 480-token prompt, 120 LoRA calls: torch 123.6 ms, C 110.6). Steps that
+# mix decode rows with prompt chunks take C, where torch costs most (12 decodes + 64 prompt
+# tokens: 40.8 vs 22.1 ms) and the decode rows never summed in PEFT's order anyway (GGUF blocks).
+PEFT_ORDER_PROMPTS = True
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
 MANUAL_ATTENTION_MIN_ROWS = 8
 
@@ -719,12 +726,10 @@ class Transformer:
             neg_mask = ~mask if manual and mask is not None else None
             scale = self._attn_scale
         decode_only = Bd == T
-        # Steps with prompt tokens on one adapter take kernels' torch backend: its GEMMs sum in
-        # the order transformers+PEFT does, so prefill logits match PEFT to ~2e-5 (the C backend,
-        # equally accurate against float64, lands 2.6e-4 away on SmolLM2 after 30 layers of
-        # reordering). Over several adapters neither matches PEFT's order, and the C backend is
-        # faster (a 12 x 40-token prefill over 8 adapters: see kernels.native_ops.MAX_TOKENS).
-        lora_backend = None if decode_only or not self._cpu32 or len(meta.active_slots_host) > 1 else "torch"
+        # Prompt-only steps on one adapter sum their LoRA in PEFT's order (PEFT_ORDER_PROMPTS);
+        # every other step takes kernels' default backend (C on a CPU: faster at every step
+        # shape measured, kernels.native_ops.MAX_TOKENS).
+        lora_backend = "torch" if PEFT_ORDER_PROMPTS and Bd == 0 and self._cpu32 and len(meta.active_slots_host) == 1 else None
         NQK = H + K
         half = D // 2
         I = a.intermediate_size

@@ -28,9 +28,29 @@ typedef struct {            /* one stacked projection's LoRA weights (cached per
 
 #include "lora_shrink.h"
 
+/* yt[t][col..] += hs[t] . b[:, col..] for nt tokens over columns c0..c1: register tiles of nt
+ * tokens x 2 vectors of 8 columns (2 * nt independent FMA chains; one vector at a time left the
+ * FMAs waiting on each other), each output summing the rank in order, so a token's result is
+ * the same in any tile. */
 static inline __attribute__((always_inline)) void expand_n(const float *b, long d_out, long R, float hs[][64],
                                                            float *const *yt, long c0, long c1, const int nt) {
     long col = c0;
+    for (; col + 16 <= c1; col += 16) {
+        __m256 acc[TT][2];
+        for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (long r = 0; r < R; r++) {
+            const __m256 b0 = _mm256_loadu_ps(b + r * d_out + col), b1 = _mm256_loadu_ps(b + r * d_out + col + 8);
+            for (int t = 0; t < nt; t++) {
+                const __m256 hv = _mm256_broadcast_ss(&hs[t][r]);
+                acc[t][0] = _mm256_fmadd_ps(hv, b0, acc[t][0]);
+                acc[t][1] = _mm256_fmadd_ps(hv, b1, acc[t][1]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            _mm256_storeu_ps(yt[t] + col, _mm256_add_ps(_mm256_loadu_ps(yt[t] + col), acc[t][0]));
+            _mm256_storeu_ps(yt[t] + col + 8, _mm256_add_ps(_mm256_loadu_ps(yt[t] + col + 8), acc[t][1]));
+        }
+    }
     for (; col + 8 <= c1; col += 8) {
         __m256 acc[TT];
         for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();

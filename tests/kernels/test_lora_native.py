@@ -74,8 +74,9 @@ def test_prefill_sized_steps_over_many_slots():
 def test_uncovered_calls_fall_back_to_torch():
     # one slot over many tokens (MKL's GEMMs win), a contiguous [S, d_out, r] B, half precision:
     # still correct (torch path)
-    slots = slot_pattern("one", 100, 3, seed=4)
-    p = _engine_layout(Problem(100, 3, 8, d_in=64, output_slices=(32, 32), slots=slots, seed=4))
+    T = native_ops.SINGLE_SLOT_MAX_TOKENS + 40
+    slots = slot_pattern("one", T, 3, seed=4)
+    p = _engine_layout(Problem(T, 3, 8, d_in=64, output_slices=(32, 32), slots=slots, seed=4))
     assert not native_ops.covers(p.y, p.x, p.A, p.B, LoRAMeta.build(slots, 3), p.scale, p.output_slices)
     y = p.y.clone()
     add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
