@@ -37,3 +37,15 @@ def test_step_times_runs_every_variant_and_restores_the_knobs(tiny_dir):
     assert set(res["step_ms"]) >= {"single_base", "single_lora", "single_lora_unfused", "base16_f32", "mixed16"}
     assert all(v > 0 for v in res["step_ms"].values())
     assert (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS) == before
+
+
+def test_kernel_times_runs_the_three_cases(tiny_dir):
+    from coe.engine.quantized import native_library
+
+    if native_library() is None:
+        import pytest
+
+        pytest.skip("block kernels unavailable")
+    res = bench.kernel_times(str(tiny_dir), threads=1, iterations=2, rows=5, log=lambda m: None)
+    assert set(res["ms"]) == {"base", "one_adapter", "eight_adapters"} and all(v > 0 for v in res["ms"].values())
+    assert res["calls"] > 0 and res["one_over_base"] > 0 and res["eight_over_one"] > 0
