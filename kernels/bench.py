@@ -12,6 +12,10 @@ Prints one JSON document on stdout (progress goes to stderr). Two sections:
   ``add_lora`` for o and down, all sharing one ``LoRAMeta`` over 8 stacked slots, against the same
   four projections done PEFT-style and against the layer's four base GEMMs; plus the per-step
   ``LoRAMeta.build`` cost and the cost of a step without adapters.
+* ``backends``: one SmolLM2 step's LoRA work (30 layers x q/k/v, o, gate/up, down, r=16, 8
+  stacked slots, each layer's weights distinct so none is cached), native (C) against torch
+  backend, for T in {1, 16, 76, 480, 1024, 2048} tokens all on one slot and spread over 8: where
+  each backend wins (``kernels.native_ops.SINGLE_SLOT_MAX_TOKENS``). Times per step.
 * ``strategies``: the CPU formulations considered for the torch path (group-by-slot, gathered
   bmm, gathered einsum, dense over all slots, PEFT's loop) against what ``torch`` picks, on one
   projection; how the single/padded/group choice was made.
@@ -55,6 +59,8 @@ SMOL_HIDDEN, SMOL_KV, SMOL_INTER = 576, 192, 1536
 DECODE_TOKENS = (1, 4, 16)
 DECODE_ADAPTERS = (1, 4, 8)
 DECODE_RANKS = (8, 16)
+BACKEND_TOKENS = (1, 16, 76, 480, 1024, 2048)
+SMOL_LAYERS = 30
 
 
 def peft_style(y, x, A, B, adapter_names: list[int], scale: float, output_slices=None):
@@ -276,6 +282,47 @@ def engine_decode_cell(num_tokens, num_adapters, rank, budget_s) -> dict:
     return row
 
 
+_BACKEND_STACKS: dict = {}  # backend_cell's weights, built once
+
+
+def backend_cell(num_tokens: int, num_adapters: int, budget_s: float) -> dict:
+    """One SmolLM2 step's LoRA work (every layer's four projection groups), native vs torch."""
+    from kernels import native_ops
+
+    _stacks = _BACKEND_STACKS
+    groups = ((SMOL_HIDDEN, (SMOL_HIDDEN, SMOL_KV, SMOL_KV)), (SMOL_HIDDEN, (SMOL_HIDDEN,)),
+              (SMOL_HIDDEN, (SMOL_INTER, SMOL_INTER)), (SMOL_INTER, (SMOL_HIDDEN,)))
+    if not _stacks:  # built once: ~160 MB of A and B (8 slots, 30 layers)
+        g = torch.Generator().manual_seed(0)
+        for layer in range(SMOL_LAYERS):
+            for k, (d_in, slices) in enumerate(groups):
+                A = torch.randn(8, len(slices) * 16, d_in, generator=g) * 0.01
+                B = (torch.randn(8, 16, sum(slices), generator=g) * 0.01).transpose(1, 2)  # the engine's layout
+                _stacks[(layer, k)] = (A, B, slices)
+    slots = _slots(num_tokens, num_adapters)
+    meta = LoRAMeta.build(slots, 8)
+    xs = {d: torch.randn(num_tokens, d) for d in (SMOL_HIDDEN, SMOL_INTER)}
+    ys = {key: torch.zeros(num_tokens, sum(sl)) for key, (_, _, sl) in _stacks.items()}
+
+    def step(backend: str) -> Callable[[], None]:
+        def run() -> None:
+            for key, (A, B, slices) in _stacks.items():
+                add_lora_packed(ys[key], xs[A.shape[2]], A, B, meta, 2.0, slices, backend=backend)
+        return run
+
+    fns = {"torch": step("torch")}
+    if native_ops.library() is not None:
+        fns["native"] = step("native")
+    times = _time_cpu(fns, budget_s, min_rounds=3)
+    out = {"tokens": num_tokens, "adapters": num_adapters, "units": "ms per step",
+           **{f"{k}_ms": round(_median_us(v) / 1e3, 2) for k, v in times.items()}}
+    if "native" in times:
+        A, B, slices = _stacks[(0, 0)]
+        out["native_covers"] = native_ops.covers(ys[(0, 0)], xs[SMOL_HIDDEN], A, B, meta, 2.0, slices)
+        out["torch_over_native"] = round(_ratio(times, "torch", "native"), 2)
+    return out
+
+
 def strategy_cell(num_tokens, num_adapters, d_in, d_out, budget_s) -> dict:
     """The candidate CPU strategies on one projection (S = 8 slots, r = 16, fp32), against ours."""
     gen = torch.Generator().manual_seed(2)
@@ -334,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny subset of each section (seconds)")
     parser.add_argument(
-        "--sections", default="grid,engine_decode,strategies",
+        "--sections", default="grid,engine_decode,backends,strategies",
         help="comma-separated sections to run (default: all)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -355,16 +402,20 @@ def main(argv: list[str] | None = None) -> int:
     tokens, adapters, dims = GRID_TOKENS, GRID_ADAPTERS, GRID_DIMS
     decode = [(t, a, r) for r in DECODE_RANKS for t in DECODE_TOKENS for a in DECODE_ADAPTERS]
     strategy_cells = [(t, a, d_in, d_out) for d_in, d_out in STRATEGY_DIMS for t, a in STRATEGY_CELLS]
+    backend_cells = [(t, a) for t in BACKEND_TOKENS for a in (1, 8)]
     if args.quick:
+        backend_cells = [(16, 8)]
         tokens, adapters, dims = (1, 16), (1, 8), ((576, 576),)
         decode = [(16, 8, 16)]
         strategy_cells = [(16, 8, 576, 1536)]
     devices = ([] if args.no_cpu else ["cpu"]) + (["cuda"] if torch.cuda.is_available() else [])
 
     sections = set(args.sections.split(","))
-    unknown = sections - {"grid", "engine_decode", "strategies"}
+    unknown = sections - {"grid", "engine_decode", "backends", "strategies"}
     if unknown:
-        parser.error(f"unknown --sections {sorted(unknown)}; choose from grid, engine_decode, strategies")
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from grid, engine_decode, backends, strategies")
+    if "backends" not in sections:
+        backend_cells = []
     if "grid" not in sections:
         devices = []
     if "engine_decode" not in sections:
@@ -379,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
                 for num_adapters in adapters:
                     print(f"grid {device} T={num_tokens} adapters={num_adapters} {d_in}x{d_out}", file=sys.stderr)
                     grid.append(grid_cell(num_tokens, num_adapters, d_in, d_out, GRID_RANK, device, args.budget))
-    engine, strategies = [], []
+    engine, strategies, backends = [], [], []
     if not args.no_cpu:
+        for num_tokens, num_adapters in backend_cells:
+            print(f"backends T={num_tokens} adapters={num_adapters}", file=sys.stderr)
+            backends.append(backend_cell(num_tokens, num_adapters, args.budget))
         for num_tokens, num_adapters, rank in decode:
             print(f"engine_decode T={num_tokens} adapters={num_adapters} r={rank}", file=sys.stderr)
             engine.append(engine_decode_cell(num_tokens, num_adapters, rank, args.budget))
@@ -398,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         clock="cuda events" if args.no_cpu else args.clock,
         grid=grid,
         engine_decode=engine,
+        backends=backends,
         strategies=strategies,
         summary=_summary(grid),
     )  # fmt: skip
