@@ -102,6 +102,30 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def _engine_with_adapters(model: str | None, threads: int, *, max_batch: int, max_seq_len: int, device: str = "cpu",
+                          cold: int = 0) -> tuple[Any, list[str], list[Path], Path]:
+    """A float32 engine with NUM_ADAPTERS random bench adapters loaded (``a0``..``a7``), and the
+    paths of those plus ``cold`` more written but not loaded, in a temporary folder (returned,
+    for the caller to remove). The adapters are written on a fresh thread that leaves no
+    OpenMP pool behind (see ``coe.engine.threads``)."""
+    from coe.engine import Engine
+
+    torch.set_num_threads(threads)
+    engine = Engine.from_pretrained(model, dtype="float32", device=device, max_batch=max_batch, max_loras=NUM_ADAPTERS,
+                                    max_seq_len=max_seq_len, max_queue=4 * max_batch)
+    tmp = Path(tempfile.mkdtemp(prefix="coe-bench-"))
+
+    def make() -> list[Path]:
+        compute_on_one_thread()
+        return _make_adapters(engine.model.args, tmp, NUM_ADAPTERS + cold, engine.model_id)
+
+    paths = run_in_fresh_thread(make)
+    names = [f"a{i}" for i in range(NUM_ADAPTERS)]
+    for n, p in zip(names, paths):
+        engine.load_adapter(n, p)
+    return engine, names, paths, tmp
+
+
 # --------------------------------------------------------------------------- engine side
 
 
@@ -231,29 +255,16 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     ITL during a load), ``peak_rss_mb``; then transformers+PEFT is loaded and the throughput cases
     of both run interleaved (:func:`_interleaved`).
     """
-    from coe.engine import Engine
-
-    torch.set_num_threads(threads)
     res: dict[str, Any] = {"model": model or "embedded SmolLM2-135M-Instruct (GGUF, fp32)", "threads": threads,
                            "device": device, "new_tokens": new_tokens, "batch": batch, "repeats": repeats,
                            "adapters": NUM_ADAPTERS, "rank": RANK, "torch": torch.__version__}
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(model, dtype="float32", device=device, max_batch=batch, max_loras=NUM_ADAPTERS,
-                                    max_seq_len=PROMPT_TOKENS + new_tokens + 64, max_queue=4 * batch)
+    engine, names, paths, tmp = _engine_with_adapters(model, threads, device=device, max_batch=batch,
+                                                      max_seq_len=PROMPT_TOKENS + new_tokens + 64, cold=1)
     res["engine_load_s"] = round(time.perf_counter() - t0, 2)
     from coe.engine.weights import resolve_model
 
     files = resolve_model(model)
-    tmp = Path(tempfile.mkdtemp(prefix="coe-bench-"))
-
-    def make() -> list[Path]:  # off this thread, without an OpenMP pool (see below)
-        compute_on_one_thread()
-        return _make_adapters(engine.model.args, tmp, NUM_ADAPTERS + 1, engine.model_id)
-
-    paths = run_in_fresh_thread(make)
-    names = [f"a{i}" for i in range(NUM_ADAPTERS)]
-    for n, p in zip(names, paths):
-        engine.load_adapter(n, p)
     prompts = _prompts(engine.tokenizer, batch)
     res["prompt_tokens"] = _median([engine.count_prompt_tokens(p) for p in prompts])
     mixed = [names[i % NUM_ADAPTERS] for i in range(batch)]
@@ -359,18 +370,10 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
     median per case is reported.
     The steps run on a helper thread, as in the engine (see ``coe.engine.threads``).
     """
-    from coe.engine import Engine
     from coe.engine import model as M
     from coe.engine.batch import Decode, build_step
 
-    torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(model, dtype="float32", device="cpu", max_batch=16, max_loras=NUM_ADAPTERS,
-                                    max_seq_len=PROMPT_TOKENS + 128)
-    tmp = Path(tempfile.mkdtemp(prefix="coe-steps-"))
-    paths = run_in_fresh_thread(lambda: (compute_on_one_thread(), _make_adapters(engine.model.args, tmp, NUM_ADAPTERS, engine.model_id))[1])
-    names = [f"a{i}" for i in range(NUM_ADAPTERS)]
-    for n, p in zip(names, paths):
-        engine.load_adapter(n, p)
+    engine, names, _paths, tmp = _engine_with_adapters(model, threads, max_batch=16, max_seq_len=PROMPT_TOKENS + 128)
     engine.generate("warm up", adapter=names[0], max_tokens=1)  # makes every adapter resident
     slots = [engine.registry.slot_of(n) for n in names]
     engine.shutdown()
@@ -410,6 +413,67 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
 
     shutil.rmtree(tmp, ignore_errors=True)
     return {"threads": threads, "iterations": iterations, "step_ms": {k: round(_median(v), 1) for k, v in times.items()}}
+
+
+def phase_times(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, batch: int = 16, repeats: int = 5,
+                log: Any = print) -> dict[str, Any]:
+    """Where the time of the two engine-only ratios goes: the three 16-request cases of
+    :func:`run` (``base16``, ``uniform16``: one adapter, ``mixed16``: over 8 adapters), submitted
+    as there, with every forward step of the real engine timed by kind (the model's ``forward``
+    wrapped): ``prefill`` (prompt tokens only), ``decode`` (decode rows only), ``mixed`` (both),
+    and ``outside`` (the rest of the run's wall time: scheduling, sampling, detokenizing, stream
+    hand-off). One warm-up round, then ``repeats`` interleaved rounds; each phase's seconds are the
+    median over rounds, and ``ratios`` the medians of its per-round ratios, ``uniform16/base16``
+    (the LoRA cost, the inverse of ``lora_vs_base_ratio``'s terms) and ``mixed16/uniform16`` (the
+    heterogeneity cost). Unlike :func:`step_times`, contexts grow and prompts arrive as the
+    scheduler forms them."""
+    engine, names, _paths, tmp = _engine_with_adapters(model, threads, max_batch=batch,
+                                                       max_seq_len=PROMPT_TOKENS + new_tokens + 64)
+    prompts = _prompts(engine.tokenizer, batch)
+    net = engine.model
+    steps: list[tuple[int, int, float]] = []  # (rows, decode rows, seconds) of each step
+    forward = net.forward
+
+    def timed(b: Any, k: Any, v: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = forward(b, k, v)
+        steps.append((b.token_ids.shape[0], b.num_decode, time.perf_counter() - t0))
+        return out
+
+    cases = {"base16": [None] * batch, "uniform16": [names[0]] * batch,
+             "mixed16": [names[i % NUM_ADAPTERS] for i in range(batch)]}
+    phases = ("wall", "prefill", "decode", "mixed", "outside", "steps")
+    got: dict[str, dict[str, list[float]]] = {k: {p: [] for p in phases} for k in cases}
+    net.forward = timed  # an instance attribute: the scheduler calls self.model.forward
+    try:
+        log(f"timing {len(cases)} cases by step kind, {repeats} rounds after a warm-up...")
+        for r in range(repeats + 1):
+            for k, adapters in cases.items():
+                steps.clear()
+                t0 = time.perf_counter()
+                _engine_concurrent(engine, prompts, adapters, new_tokens)
+                wall = time.perf_counter() - t0
+                if not r:
+                    continue
+                kinds = {"prefill": 0.0, "decode": 0.0, "mixed": 0.0}
+                for rows, dec, sec in steps:
+                    kinds["prefill" if dec == 0 else "decode" if dec == rows else "mixed"] += sec
+                row = {"wall": wall, **kinds, "outside": wall - sum(kinds.values()), "steps": float(len(steps))}
+                for p in phases:
+                    got[k][p].append(row[p])
+    finally:
+        del net.forward
+        engine.shutdown()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def ratio(num: str, den: str) -> dict[str, float]:
+        return {p: round(_median([a / b for a, b in zip(got[num][p], got[den][p]) if b]), 3) for p in phases[:-1]}
+
+    return {"threads": threads, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
+            "seconds": {k: {p: round(_median(v), 3) for p, v in d.items()} for k, d in got.items()},
+            "ratios": {"uniform16/base16": ratio("uniform16", "base16"), "mixed16/uniform16": ratio("mixed16", "uniform16")}}
 
 
 def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int = 20, rows: int = 16,
@@ -501,7 +565,7 @@ def main(args: Any) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --kernel]
+if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --phases | --kernel]
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -513,10 +577,11 @@ if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", action="store_true", help="time single forward steps of the design's variants instead")
+    ap.add_argument("--phases", action="store_true", help="time the 16-request cases' real steps by kind instead")
     ap.add_argument("--kernel", action="store_true", help="time one step's worth of the fused block kernel alone instead")
     a = ap.parse_args()
-    if a.steps or a.kernel:
-        fn = step_times if a.steps else kernel_times
+    if a.steps or a.phases or a.kernel:
+        fn = step_times if a.steps else phase_times if a.phases else kernel_times
         out = fn(a.model, threads=a.threads, log=lambda m: print(m, file=sys.stderr))
         print(json.dumps(out, indent=2))
         if a.json:

@@ -49,3 +49,15 @@ def test_kernel_times_runs_the_three_cases(tiny_dir):
     res = bench.kernel_times(str(tiny_dir), threads=1, iterations=2, rows=5, log=lambda m: None)
     assert set(res["ms"]) == {"base", "one_adapter", "eight_adapters"} and all(v > 0 for v in res["ms"].values())
     assert res["calls"] > 0 and res["one_over_base"] > 0 and res["eight_over_one"] > 0
+
+
+def test_phase_times_splits_each_case_by_step_kind(tiny_dir):
+    res = bench.phase_times(str(tiny_dir), threads=1, new_tokens=4, batch=4, repeats=1, log=lambda m: None)
+    assert set(res["seconds"]) == {"base16", "uniform16", "mixed16"}
+    for case in res["seconds"].values():
+        assert case["steps"] >= 4  # a prompt step and at least 3 decode steps for 4 new tokens
+        assert case["prefill"] > 0 and case["decode"] > 0 and case["outside"] >= 0
+        # the kinds add up to the run's wall time (rounded to 3 decimals each)
+        assert abs(case["prefill"] + case["decode"] + case["mixed"] + case["outside"] - case["wall"]) < 0.005
+    assert set(res["ratios"]) == {"uniform16/base16", "mixed16/uniform16"}
+    assert all(v > 0 for v in res["ratios"]["uniform16/base16"].values() if v == v)
