@@ -366,12 +366,14 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
     (context 60) on the base model, one adapter, and 8 adapters; each as the engine runs it (GGUF
     blocks with the LoRA fused into them), with the LoRA in separate ops (``_unfused``: the dense
     path for one adapter, kernels' C backend for eight), and on float32 weights only (``_f32``:
-    no GGUF blocks, as for a safetensors model). Cases take turns within each iteration; the
-    median per case is reported.
+    no GGUF blocks, as for a safetensors model); and prompt steps of 16 prompts x 32 tokens
+    (``prompt512_*``) on the base model, one adapter in PEFT's summation order (kernels' torch
+    backend, as the engine runs it) and in C (``_c``: ``PEFT_ORDER_PROMPTS`` off), and 8 adapters.
+    Cases take turns within each iteration; the median per case is reported.
     The steps run on a helper thread, as in the engine (see ``coe.engine.threads``).
     """
     from coe.engine import model as M
-    from coe.engine.batch import Decode, build_step
+    from coe.engine.batch import Decode, Prefill, build_step
 
     engine, names, _paths, tmp = _engine_with_adapters(model, threads, max_batch=16, max_seq_len=PROMPT_TOKENS + 128)
     engine.generate("warm up", adapter=names[0], max_tokens=1)  # makes every adapter resident
@@ -380,6 +382,7 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
     net, kv = engine.model, engine.kv
     f32 = {"BLOCK_MAX_ROWS": 0}  # float32 weights only (as without a GGUF or a C compiler)
     unfused = {"FUSED_LORA": False}  # blocks for the base, LoRA in separate ops (dense / kernels)
+    c_order = {"PEFT_ORDER_PROMPTS": False}  # one adapter's prompt steps in kernels' C backend
     one, mixed = [slots[0]], [slots[i % NUM_ADAPTERS] for i in range(16)]
     cases = {
         "single_base": ([-1], {}), "single_base_f32": ([-1], f32),
@@ -388,7 +391,10 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
         "uniform16": (one * 16, {}), "uniform16_unfused": (one * 16, unfused), "uniform16_f32": (one * 16, f32),
         "mixed16": (mixed, {}), "mixed16_unfused": (mixed, unfused), "mixed16_f32": (mixed, f32),
     }
-    defaults = {k: getattr(M, k) for k in ("BLOCK_MAX_ROWS", "FUSED_LORA")}
+    prompts = {"prompt512_base": ([-1] * 16, {}), "prompt512_lora": (one * 16, {}), "prompt512_lora_c": (one * 16, c_order),
+               "prompt512_mixed8": (mixed, {})}
+    cases.update(prompts)
+    defaults = {k: getattr(M, k) for k in ("BLOCK_MAX_ROWS", "FUSED_LORA", "PEFT_ORDER_PROMPTS")}
     times: dict[str, list[float]] = {k: [] for k in cases}
 
     def run() -> None:
@@ -398,8 +404,12 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
             for name, (lora_slots, knobs) in cases.items():
                 for k, v in {**defaults, **knobs}.items():
                     setattr(M, k, v)
-                b = build_step([Decode(i, 60, 100 + i, s) for i, s in enumerate(lora_slots)], [],
-                               num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+                if name in prompts:
+                    b = build_step([], [Prefill(i, 0, list(range(100 + i, 132 + i)), s, True) for i, s in enumerate(lora_slots)],
+                                   num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+                else:
+                    b = build_step([Decode(i, 60, 100 + i, s) for i, s in enumerate(lora_slots)], [],
+                                   num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
                 t0 = time.perf_counter()
                 net.forward(b, kv.k, kv.v)
                 if it >= 2:  # two warm-up rounds

@@ -32,11 +32,12 @@ def test_bench_engine_writes_all_keys(tmp_path, tiny_dir, capsys):
 def test_step_times_runs_every_variant_and_restores_the_knobs(tiny_dir):
     from coe.engine import model as M
 
-    before = (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS)
+    before = (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS, M.PEFT_ORDER_PROMPTS, M.FUSED_LORA, M.BLOCK_MAX_ROWS)
     res = bench.step_times(str(tiny_dir), threads=1, iterations=2, log=lambda m: None)
-    assert set(res["step_ms"]) >= {"single_base", "single_lora", "single_lora_unfused", "base16_f32", "mixed16"}
+    assert set(res["step_ms"]) >= {"single_base", "single_lora", "single_lora_unfused", "base16_f32", "mixed16",
+                                 "prompt512_base", "prompt512_lora", "prompt512_lora_c", "prompt512_mixed8"}
     assert all(v > 0 for v in res["step_ms"].values())
-    assert (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS) == before
+    assert (M.CHUNK_MAX_ROWS, M.DENSE_LORA_MAX_SLOTS, M.PEFT_ORDER_PROMPTS, M.FUSED_LORA, M.BLOCK_MAX_ROWS) == before
 
 
 def test_kernel_times_runs_the_three_cases(tiny_dir):
