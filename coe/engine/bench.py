@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,6 +101,18 @@ def _make_adapters(args: Any, root: Path, n: int, base_name: str, seed: int = 0)
 
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _ratio(num: list[float], den: list[float]) -> float:
+    """The median of the per-round ratios num[i] / den[i] (rounds with a zero den left out):
+    a drifting machine load cancels within a round (see :func:`_interleaved`)."""
+    return _median([a / b for a, b in zip(num, den) if b])
+
+
+def _cases(names: list[str], batch: int) -> dict[str, list[str | None]]:
+    """Each 16-request case's adapter per request: over all the bench adapters, one, none."""
+    return {"mixed16": [names[i % NUM_ADAPTERS] for i in range(batch)], "uniform16": [names[0]] * batch,
+            "base16": [None] * batch}
 
 
 def _engine_with_adapters(model: str | None, threads: int, *, max_batch: int, max_seq_len: int, device: str = "cpu",
@@ -267,15 +280,14 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     files = resolve_model(model)
     prompts = _prompts(engine.tokenizer, batch)
     res["prompt_tokens"] = _median([engine.count_prompt_tokens(p) for p in prompts])
-    mixed = [names[i % NUM_ADAPTERS] for i in range(batch)]
+    many = _cases(names, batch)
+    mixed = many["mixed16"]
     total = batch * new_tokens
 
     cases: dict[str, Any] = {
         "single": lambda: engine.generate(prompts[0], adapter=names[0], max_tokens=new_tokens, ignore_eos=True),
         "single_base": lambda: engine.generate(prompts[0], adapter=None, max_tokens=new_tokens, ignore_eos=True),
-        "mixed16": lambda: _engine_concurrent(engine, prompts, mixed, new_tokens),
-        "uniform16": lambda: _engine_concurrent(engine, prompts, [names[0]] * batch, new_tokens),
-        "base16": lambda: _engine_concurrent(engine, prompts, [None] * batch, new_tokens),
+        **{k: (lambda ad=ad: _engine_concurrent(engine, prompts, ad, new_tokens)) for k, ad in many.items()},
     }
     log(f"engine: {engine.model_id}, {threads} threads; warm-up and engine-only measurements...")
     for fn in cases.values():
@@ -338,7 +350,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     res["base16_tok_s"] = rate["base16"]
 
     def ratio(num: str, den: str, t: dict[str, list[float]] = times) -> float:  # rates' ratio = den's time / num's, per round
-        return _median([d / n for n, d in zip(t[num], t[den])])
+        return _ratio(t[den], t[num])
 
     res["heterogeneity_ratio"] = ratio("mixed16", "uniform16", ratio_times)
     res["lora_vs_base_ratio"] = ratio("uniform16", "base16", ratio_times)
@@ -354,8 +366,6 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     res["engine_stats"] = {k: v for k, v in engine.stats().items() if k in ("steps_total", "tokens_total", "kv_cache_reserved_bytes", "weight_bytes")}
     engine.shutdown()
     res["peak_rss_total_mb"] = _rss_mb()
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
 
@@ -404,12 +414,10 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
             for name, (lora_slots, knobs) in cases.items():
                 for k, v in {**defaults, **knobs}.items():
                     setattr(M, k, v)
-                if name in prompts:
-                    b = build_step([], [Prefill(i, 0, list(range(100 + i, 132 + i)), s, True) for i, s in enumerate(lora_slots)],
-                                   num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
-                else:
-                    b = build_step([Decode(i, 60, 100 + i, s) for i, s in enumerate(lora_slots)], [],
-                                   num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+                rows = list(enumerate(lora_slots))
+                decodes, chunks = (([], [Prefill(i, 0, list(range(100 + i, 132 + i)), s, True) for i, s in rows])
+                                   if name in prompts else ([Decode(i, 60, 100 + i, s) for i, s in rows], []))
+                b = build_step(decodes, chunks, num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
                 t0 = time.perf_counter()
                 net.forward(b, kv.k, kv.v)
                 if it >= 2:  # two warm-up rounds
@@ -419,8 +427,6 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
 
     log(f"timing {len(cases)} step cases, {iterations} rounds...")
     run_in_fresh_thread(run)
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return {"threads": threads, "iterations": iterations, "step_ms": {k: round(_median(v), 1) for k, v in times.items()}}
 
@@ -450,8 +456,7 @@ def phase_times(model: str | None = None, *, threads: int = 2, new_tokens: int =
         steps.append((b.token_ids.shape[0], b.num_decode, time.perf_counter() - t0))
         return out
 
-    cases = {"base16": [None] * batch, "uniform16": [names[0]] * batch,
-             "mixed16": [names[i % NUM_ADAPTERS] for i in range(batch)]}
+    cases = dict(reversed(_cases(names, batch).items()))  # base16, uniform16, mixed16
     phases = ("wall", "prefill", "decode", "mixed", "outside", "steps")
     got: dict[str, dict[str, list[float]]] = {k: {p: [] for p in phases} for k in cases}
     net.forward = timed  # an instance attribute: the scheduler calls self.model.forward
@@ -474,12 +479,10 @@ def phase_times(model: str | None = None, *, threads: int = 2, new_tokens: int =
     finally:
         del net.forward
         engine.shutdown()
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
     def ratio(num: str, den: str) -> dict[str, float]:
-        return {p: round(_median([a / b for a, b in zip(got[num][p], got[den][p]) if b]), 3) for p in phases[:-1]}
+        return {p: round(_ratio(got[num][p], got[den][p]), 3) for p in phases[:-1]}
 
     return {"threads": threads, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
             "seconds": {k: {p: round(_median(v), 3) for p, v in d.items()} for k, d in got.items()},
@@ -541,7 +544,7 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
 
     log(f"timing {len(calls)} fused kernel calls x {len(cases)} cases, {iterations} turns...")
     run_in_fresh_thread(loop)
-    ratio = lambda a, b: round(_median([x / y for x, y in zip(times[a], times[b])]), 3)  # noqa: E731
+    ratio = lambda a, b: round(_ratio(times[a], times[b]), 3)  # noqa: E731
     return {"threads": threads, "rows": rows, "calls": len(calls), "iterations": iterations,
             "ms": {k: round(_median(v), 1) for k, v in times.items()},
             "one_over_base": ratio("one_adapter", "base"), "eight_over_one": ratio("eight_adapters", "one_adapter")}
