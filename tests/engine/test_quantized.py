@@ -206,12 +206,12 @@ def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, blo
         net.forward(build_step([], [Prefill(s, 0, ids, -1, True)], num_lora_slots=net.num_lora_slots, kv=kv,
                                device=engine.device), kv.k, kv.v)
 
-    def decode(**knobs) -> torch.Tensor:
+    def decode(last: int = sz, **knobs) -> torch.Tensor:
         old = {k: getattr(M, k) for k in knobs}
         for k, v in knobs.items():
             setattr(M, k, v)
         try:
-            b = build_step([Decode(kvs[0], 12, 60, sa), Decode(kvs[1], 12, 60, -1), Decode(kvs[2], 12, 60, sz)], [],
+            b = build_step([Decode(kvs[0], 12, 60, sa), Decode(kvs[1], 12, 60, -1), Decode(kvs[2], 12, 60, last)], [],
                            num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
             return net.forward(b, kv.k, kv.v)
         finally:
@@ -221,7 +221,10 @@ def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, blo
     fused, separate, f32 = decode(), decode(FUSED_LORA=False), decode(BLOCK_MAX_ROWS=0)
     assert (fused - separate).abs().max() < 1e-4 and (fused - f32).abs().max() < 1e-4
     assert (fused[0] - fused[1]).abs().max() > 1e-3  # the adapter does change its row
-    assert torch.equal(fused[2], fused[1])  # zero B: exactly the base row
+    # zero B: exactly the base model's row. Compared in the same row of the same step (the base
+    # model's output there, the last row without an adapter): two rows of one batch with the same
+    # inputs can differ in the last bit (seen on an AVX-512 EPYC, float32 path too, no LoRA).
+    assert torch.equal(fused[2], decode(-1)[2])
 
 
 def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k: int = 96, S: int = 4, seed: int = 0):
