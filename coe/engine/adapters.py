@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from coe.engine.model import FUSED_GROUPS, LORA_TARGETS, ModelArgs
+from coe.engine.threads import cooperate
 from coe.errors import AdapterError, AdapterNotFound
 
 logger = logging.getLogger("coe.engine")
@@ -207,7 +208,9 @@ def read_adapter(name: str, source: str, args: ModelArgs, *, max_rank: int, dtyp
     try:
         with safe_open(str(weights), framework="pt") as f:
             keys = list(f.keys())
-            for key in keys:
+            for i, key in enumerate(keys):
+                if i % 8 == 0:
+                    cooperate()  # let a running decode loop have the GIL (coe.engine.threads)
                 m = _KEY_RE.match(key)
                 if not m:
                     raise AdapterError(name, f"{weights.name}: tensor {key!r} is not a LoRA A/B weight of a supported module "
@@ -287,7 +290,9 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
     scales = [0.0] * size_s
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [{} for _ in range(args.n_layers)]
     views = []
-    for layer, group, members, d_in, outs, off_a, off_b, off_s in todo:
+    for i, (layer, group, members, d_in, outs, off_a, off_b, off_s) in enumerate(todo):
+        if i % 2 == 0:
+            cooperate()
         A = flat_a[off_a : off_a + len(members) * rank * d_in].view(len(members) * rank, d_in)
         Bt = flat_b[off_b : off_b + rank * sum(outs)].view(rank, sum(outs))
         off = 0

@@ -41,7 +41,7 @@ from coe.engine.kv_cache import KVCache
 from coe.engine.model import Transformer
 from coe.engine.outputs import GenerationOutput, StreamDelta
 from coe.engine.registry import AdapterRegistry
-from coe.engine.threads import background_compute
+from coe.engine.threads import background_compute, set_foreground_busy
 from coe.engine.request import Request
 from coe.engine.sampling import sample_batch
 from coe.engine.sequence import Sequence
@@ -119,6 +119,7 @@ class Scheduler:
         self._max_wait: dict[str, float] = {}
         self.counters = {"requests": 0, "finished": 0, "tokens": 0, "steps": 0, "failed": 0, "cancelled": 0,
                          "timeouts": 0, "adapter_loads": 0, "adapter_load_errors": 0, "prefill_tokens": 0}
+        self._busy = False  # running sequences, as told to coe.engine.threads.set_foreground_busy
         self._thread = threading.Thread(target=self._loop, name="coe-engine-loop", daemon=True)
         self._thread.start()
 
@@ -225,8 +226,10 @@ class Scheduler:
                         fut.set_exception(exc)
                 self._reap()
                 self._admit()
+                self._set_busy(bool(self._running))
                 if self._running:
                     self._step()
+                    self._set_busy(bool(self._running))
                 elif self._waiting:
                     # Everything waiting is blocked on a cold load or a draining slot: sleep until
                     # a load finishes or something new arrives (both notify).
@@ -237,7 +240,15 @@ class Scheduler:
             logger.exception("engine loop crashed")
             raise
         finally:
+            self._set_busy(False)
             self._fail_all(EngineUnavailable("the engine stopped before this request finished"))
+
+    def _set_busy(self, busy: bool) -> None:
+        """Tell ``coe.engine.threads`` whether this loop runs sequences (on changes only): adapter
+        readers on background threads then yield the GIL between tensors."""
+        if busy != self._busy:
+            self._busy = busy
+            set_foreground_busy(busy)
 
     def _fail_all(self, exc: CoeError) -> None:
         with self._cond:

@@ -66,3 +66,54 @@ def test_background_compute_lowers_only_the_reader_thread():
 
     assert run_in_fresh_thread(inside) == min(19, mine + BACKGROUND_NICE)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller is untouched
+
+
+def test_background_readers_yield_only_while_a_decode_loop_runs(monkeypatch):
+    from coe.engine import threads
+
+    naps: list[float] = []
+    monkeypatch.setattr(threads.time, "sleep", naps.append)
+
+    def reader() -> None:
+        threads.background_compute()
+        threads.cooperate()
+
+    run_in_fresh_thread(reader)  # no loop running: no nap
+    threads.cooperate()  # not a background thread: no nap
+    assert naps == []
+    threads.set_foreground_busy(True)
+    try:
+        threads.cooperate()  # still not a background thread
+        assert naps == []
+        run_in_fresh_thread(reader)
+        assert naps == [threads.YIELD_S]
+    finally:
+        threads.set_foreground_busy(False)
+    assert not threads.foreground_busy()
+
+
+def test_engine_loop_reports_busy_while_running_and_reads_yield(engine_factory, adapter_factory, monkeypatch):
+    """While sequences decode, the loop is reported busy (adapter reads then yield the GIL), and
+    idle again when they finish; a read during decoding naps between its tensors."""
+    import time
+
+    from coe.engine import threads
+    from coe.engine.outputs import StreamDelta
+
+    engine = engine_factory(max_loras=2)
+    path = adapter_factory("late", r=4)
+    assert not threads.foreground_busy()
+    seen = []
+    stream = engine.stream("one two three", adapter=None, max_tokens=200, ignore_eos=True)
+    naps: list[float] = []
+    sleep = time.sleep
+    monkeypatch.setattr(threads.time, "sleep", lambda s: (naps.append(s), sleep(s)))
+    for item in stream:
+        if isinstance(item, StreamDelta) and not seen:
+            seen.append(threads.foreground_busy())
+            engine.load_adapter("late", path)  # read on a background thread while the stream decodes
+    assert seen == [True] and naps and set(naps) == {threads.YIELD_S}
+    deadline = time.monotonic() + 5
+    while threads.foreground_busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not threads.foreground_busy()
