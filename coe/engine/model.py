@@ -491,6 +491,7 @@ class Transformer:
         self.rope_sin: torch.Tensor | None = None  # [max_len, D], first half negated (see from_state)
         self.num_lora_slots = 0
         self._dense_lora = False  # the stacks have B_dense (allocate_lora)
+        self._lora_width = 0  # the widest stack's n*rank where the stacks are laid out for the fused kernel
         self.slot_groups: list[list[int]] = []  # per slot, per layer: GROUP_BITS mask of its weights
         self._eps = torch.tensor(args.norm_eps, dtype=torch.float32, device=device)
         self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
@@ -604,6 +605,8 @@ class Transformer:
         for layer in self.layers:
             for stack in layer.lora.values():
                 stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._dense_lora, fused=native)
+        # the widest stack's n*rank: one fused-kernel step descriptor (its h scratch) serves every call of a step
+        self._lora_width = max((st.A.shape[1] for layer in self.layers for st in layer.lora.values()), default=0) if native else 0
         self.num_lora_slots = num_slots
         self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
 
@@ -730,6 +733,11 @@ class Transformer:
         # every other step takes kernels' default backend (C on a CPU: faster at every step
         # shape measured, kernels.native_ops.MAX_TOKENS).
         lora_backend = "torch" if PEFT_ORDER_PROMPTS and Bd == 0 and self._cpu32 and len(meta.active_slots_host) == 1 else None
+        # Steps the block kernel can take with their LoRA fused (see _lora_proj): the step's token
+        # grouping, built once for all of its calls (one scratch, sized for the widest stack).
+        fused = (native_ops.step_descriptor(meta, self._lora_width)
+                 if use_lora and FUSED_LORA and T <= min(BLOCK_MAX_ROWS, MAX_FUSED_ROWS) and self._lora_width
+                 and self.layers[0].wqkv_q is not None else None)
         NQK = H + K
         half = D // 2
         I = a.intermediate_size
@@ -741,7 +749,7 @@ class Transformer:
             # ---- attention
             h = _rms_norm(x, layer.attn_norm, eps, dim)
             if lmask & 1:
-                qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, lora["qkv"], meta, dense, layer.wqkv_q, lora_backend)
+                qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, lora["qkv"], meta, dense, layer.wqkv_q, lora_backend, fused)
             else:
                 qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q)  # [T, (H+2K)*D]
             # RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers does.
@@ -770,20 +778,20 @@ class Transformer:
                         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, enable_gqa=G > 1)
                     attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
             if lmask & 2:
-                o = self._lora_proj(attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q, lora_backend)
+                o = self._lora_proj(attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q, lora_backend, fused)
             else:
                 o = _proj(attn, layer.wo_t, layer.wo_c, layer.bo, layer.wo_q)
             x = x + o
             # ---- feed-forward (SwiGLU)
             h = _rms_norm(x, layer.ffn_norm, eps, dim)
             if lmask & 4:
-                gu = self._lora_proj(h, layer.w13_t, layer.w13_c, layer.b13, lora["gate_up"], meta, dense, layer.w13_q, lora_backend)
+                gu = self._lora_proj(h, layer.w13_t, layer.w13_c, layer.b13, lora["gate_up"], meta, dense, layer.w13_q, lora_backend, fused)
             else:
                 gu = _proj(h, layer.w13_t, layer.w13_c, layer.b13, layer.w13_q)  # [T, 2I]
             g, u = gu.view(T, 2, I).unbind(1)
             act = F.silu(g).mul_(u)
             if lmask & 8:
-                d = self._lora_proj(act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q, lora_backend)
+                d = self._lora_proj(act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q, lora_backend, fused)
             else:
                 d = _proj(act, layer.w2_t, layer.w2_c, layer.b2, layer.w2_q)
             x = x + d
@@ -796,7 +804,7 @@ class Transformer:
     @staticmethod
     def _lora_proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch.Tensor | None,
                    st: LoRAStack, meta: LoRAMeta, dense: tuple[int, int] | None,
-                   w_q: BlockWeight | None = None, backend: str | None = None) -> torch.Tensor:
+                   w_q: BlockWeight | None = None, backend: str | None = None, fused: Any = None) -> torch.Tensor:
         """A projection plus its multi-LoRA delta: ``x @ w_t (+ b)`` + each token's adapter.
 
         Small steps whose active slots span at most ``DENSE_LORA_MAX_SLOTS`` (``dense`` = (lo, k))
@@ -816,9 +824,8 @@ class Transformer:
         were computed (a zero-B adapter was no longer bit-identical to the base model), so the
         shrink stays a matmul of its own.
         """
-        if (FUSED_LORA and w_q is not None and st.rows is not None and x.shape[0] <= min(BLOCK_MAX_ROWS, MAX_FUSED_ROWS)
-                and w_q.kind == "q4_1"):
-            y = w_q.matmul(x, (st.rows, native_ops.step_descriptor(meta, st.A.shape[1])))
+        if fused is not None and st.rows is not None and w_q is not None and w_q.kind == "q4_1":
+            y = w_q.matmul(x, (st.rows, fused))
             return y if b is None else y.add_(b)
         y = _proj(x, w_t, w_c, b, w_q)
         if dense is not None and st.B_dense is not None:
