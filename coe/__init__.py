@@ -27,8 +27,6 @@ def _refuse_foreign_kernels() -> None:
         dist = metadata.distribution("kernels")
     except metadata.PackageNotFoundError:
         return
-    if (dist.metadata["Name"] or "").lower() == "coe":  # our own (editable) distribution never answers this, but be sure
-        return
     raise ImportError(
         f"coe cannot run beside the PyPI package 'kernels' {dist.version} (Hugging Face's hub kernels, installed in "
         f"{dist.locate_file('')}): its import name 'kernels' is also coe's own kernels package, and each would load "

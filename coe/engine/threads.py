@@ -122,7 +122,7 @@ def cooperate() -> None:
     """Sleep ``YIELD_S`` (releasing the GIL) if this is a background thread
     (:func:`background_compute`) and the decode loop is running; else return at once. Long
     Python work on background threads calls it every few units of work."""
-    if _busy_loops > 0 and getattr(_local, "background", False):
+    if foreground_busy() and getattr(_local, "background", False):
         time.sleep(YIELD_S)
 
 
