@@ -26,6 +26,12 @@
 #define MAX_ROWS 8
 #define NBLK 8        /* outputs per block of the fused LoRA expand (one AVX vector) */
 #define MAX_FUSED 16  /* rows a fused call may have (the engine's BLOCK_MAX_ROWS) */
+/* Each thread prefetches the weight row (its quants and scales) this many outputs ahead of the
+ * one it computes, with the non-temporal hint (weights are read once a step). Measured on the
+ * 2-core EPYC (real 16-row decode steps of SmolLM2, interleaved with the build without it, 40
+ * rounds each, 3 runs): the base step 2.6 ms faster (~4.5%; 2.6 / 2.6 / 2.6); a 1-row step
+ * unchanged (+0.3 ms, noise). A T0 hint or 32 rows ahead did no better. */
+#define W_AHEAD 16
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -275,6 +281,11 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
             for (long n = n0; n < n1; n++) {
                 if (per) pf_some(&pf, per);
+                if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N) {  /* see W_AHEAD */
+                    const char *wq = (const char *)(qs + (n + W_AHEAD) * (K / 2)), *wd = (const char *)(dm + (n + W_AHEAD) * 2 * nb);
+                    for (long o = 0; o < K / 2; o += 64) _mm_prefetch(wq + o, _MM_HINT_NTA);
+                    for (long o = 0; o < 8 * nb; o += 64) _mm_prefetch(wd + o, _MM_HINT_NTA);
+                }
                 for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
                     const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                     TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
