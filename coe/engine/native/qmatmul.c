@@ -277,17 +277,25 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             per = b1 > b0 ? (lines + (b1 - b0) * NBLK - 1) / ((b1 - b0) * NBLK) : 0;  /* lines per output */
         }
+        /* Row tiles outside the block's outputs: a tile's x (8 rows of 576 floats: 18 KB) stays in
+         * L1 for the block's 8 weight rows, which the next tile reads again from L1. With the
+         * tiles inside (every output against 16 rows of x, 36 KB), x came from L2 for every
+         * output. Measured as for W_AHEAD: a 16-row step 6.8 ms (~13%) faster; 1 and 8 rows (one
+         * tile) unchanged. Each output is the same call either way, so results are unchanged. */
         for (long blk = b0; blk < b1; blk++) {
             const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
-            for (long n = n0; n < n1; n++) {
-                if (per) pf_some(&pf, per);
-                if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N) {  /* see W_AHEAD */
-                    const char *wq = (const char *)(qs + (n + W_AHEAD) * (K / 2)), *wd = (const char *)(dm + (n + W_AHEAD) * 2 * nb);
-                    for (long o = 0; o < K / 2; o += 64) _mm_prefetch(wq + o, _MM_HINT_NTA);
-                    for (long o = 0; o < 8 * nb; o += 64) _mm_prefetch(wd + o, _MM_HINT_NTA);
-                }
-                for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
-                    const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+            for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
+                const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+                for (long n = n0; n < n1; n++) {
+                    if (r0 == 0) {  /* prefetches spread over the first tile's outputs */
+                        if (per) pf_some(&pf, per);
+                        if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N) {  /* see W_AHEAD */
+                            const char *wq = (const char *)(qs + (n + W_AHEAD) * (K / 2));
+                            const char *wd = (const char *)(dm + (n + W_AHEAD) * 2 * nb);
+                            for (long o = 0; o < K / 2; o += 64) _mm_prefetch(wq + o, _MM_HINT_NTA);
+                            for (long o = 0; o < 8 * nb; o += 64) _mm_prefetch(wd + o, _MM_HINT_NTA);
+                        }
+                    }
                     TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
                 }
             }
