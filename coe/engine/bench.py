@@ -4,7 +4,8 @@ Same model (default: the embedded SmolLM2-135M-Instruct, fp32), same random r=16
 adapters (8 of them), greedy decoding past EOS, ~40-token prompts, 64 new tokens. Every number
 is a median over repeats, and every comparison is a ratio against a baseline measured in the
 same run, in alternating turns (engine, PEFT, engine, ...), because the machine may be shared:
-each ratio is taken per round, then the median over rounds (``round_seconds`` has the raw times).
+each ratio is taken per round, then the median over rounds (``round_seconds`` and
+``ratio_round_seconds`` have the raw times).
 transformers+PEFT runs on the engine's loop thread, so both sides use the one OpenMP worker pool
 (``coe.engine.threads`` explains why a second pool would slow either). Keys written to ``--json``
 (goals from issue 6):
@@ -15,7 +16,7 @@ transformers+PEFT runs on the engine's loop thread, so both sides use the one Op
   over 8 adapters; PEFT runs them as one batch with ``adapter_names``;
 - ``heterogeneity_ratio`` (>= 0.95): 16 requests over 8 adapters / 16 on one adapter;
 - ``lora_vs_base_ratio`` (>= 0.95): 16 on one adapter / 16 on the base model (these two over
-  ``ratio_rounds`` = 3 x repeats rounds: the PEFT rounds plus engine-only ones);
+  ``ratio_rounds`` = 4 x repeats engine-only rounds of their three cases, in alternating order);
 - ``adapter_switch_ms`` (< 1): added latency of a short request when the previous one used
   another resident adapter;
 - ``cold_load_ms`` (< 100): reading an r=16 all-linear adapter from local disk into a slot;
@@ -49,6 +50,7 @@ from coe.engine.threads import run_in_fresh_thread, compute_on_one_thread
 PROMPT_TOKENS = 40
 NUM_ADAPTERS = 8
 RANK = 16
+RATIO_ROUNDS = 4  # rounds of the engine-only ratio cases per repeat (see run)
 _TOPICS = [
     "the history of the printing press", "how volcanoes form", "a recipe for lemon bread", "the rules of chess",
     "why the sky is blue", "training for a marathon", "the life cycle of a star", "how vaccines work",
@@ -243,16 +245,19 @@ def _peft_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
 # --------------------------------------------------------------------------- main
 
 
-def _interleaved(cases: dict[str, Any], repeats: int, log: Any) -> dict[str, list[float]]:
+def _interleaved(cases: dict[str, Any], repeats: int, log: Any, alternate: bool = False) -> dict[str, list[float]]:
     """Wall seconds of every case, ``repeats`` rounds, the cases taking turns within each round.
 
     Why interleaved: on a shared machine the load changes from minute to minute; timing the engine
     and transformers+PEFT in alternation puts each ratio's two sides under the same load (ratios
-    are taken per round, then the median over rounds).
+    are taken per round, then the median over rounds). ``alternate`` runs every other round in
+    reverse order, so that no case always runs first or always follows the same one (a load
+    that drifts within a round then favours neither side of a ratio).
     """
     times: dict[str, list[float]] = {k: [] for k in cases}
     for r in range(repeats):
-        for k, fn in cases.items():
+        order = list(cases.items())
+        for k, fn in (reversed(order) if alternate and r % 2 else order):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -334,13 +339,13 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
         cases = {k: cases[k] for k in order}
     log(f"timing {len(cases)} cases, {repeats} interleaved rounds...")
     times = _interleaved(cases, repeats, log)
-    # The engine-only ratios (heterogeneity, LoRA vs base) compare cases 5-15% apart on a machine
-    # whose speed drifts that much between rounds: they get 2 x repeats more rounds of their own
-    # three cases (~25 s each, against ~70 s for a round with PEFT's), and use every round.
+    # The engine-only ratios (heterogeneity, LoRA vs base) compare cases a few % apart on a machine
+    # whose speed drifts more than that between rounds (per-round ratios spread 0.87-1.05 here):
+    # they come from RATIO_ROUNDS x repeats rounds of their own three cases (~13 s a round),
+    # every other round in reverse order (in the rounds above, uniform16 always followed PEFT).
     ratio_cases = ("mixed16", "uniform16", "base16")
-    log(f"timing {len(ratio_cases)} engine cases, {2 * repeats} more interleaved rounds for the ratios...")
-    more = _interleaved({k: cases[k] for k in ratio_cases}, 2 * repeats, log)
-    ratio_times = {k: times[k] + more[k] for k in ratio_cases}
+    log(f"timing {len(ratio_cases)} engine cases, {RATIO_ROUNDS * repeats} more interleaved rounds for the ratios...")
+    ratio_times = _interleaved({k: cases[k] for k in ratio_cases}, RATIO_ROUNDS * repeats, log, alternate=True)
     tokens = {"single": new_tokens, "single_base": new_tokens, "peft_single": new_tokens, "peft_single_base": new_tokens}
     rate = {k: (tokens.get(k, total)) / _median(v) for k, v in {**times, **ratio_times}.items()}
     res["single_stream_tok_s"] = rate["single"]
@@ -362,7 +367,8 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
         res["single_stream_speedup"] = ratio("single", "peft_single")
         res["single_stream_base_speedup"] = ratio("single_base", "peft_single_base")
         res["mixed16_speedup"] = ratio("mixed16", "peft_mixed16")
-    res["round_seconds"] = {k: [round(t, 3) for t in v] for k, v in {**times, **ratio_times}.items()}
+    res["round_seconds"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
+    res["ratio_round_seconds"] = {k: [round(t, 3) for t in v] for k, v in ratio_times.items()}
     res["engine_stats"] = {k: v for k, v in engine.stats().items() if k in ("steps_total", "tokens_total", "kv_cache_reserved_bytes", "weight_bytes")}
     engine.shutdown()
     res["peak_rss_total_mb"] = _rss_mb()
@@ -523,7 +529,7 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
             w = BlockWeight("q4_1", torch.randint(0, 256, (n, d_in // 2), dtype=torch.uint8, generator=g),
                             torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
             A = torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01
-            P = torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01
+            P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()  # float16 panels, as the engine keeps them
             calls.append((w, A, P, lora_rows(A, P, slices)))
     xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
     cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}

@@ -213,6 +213,8 @@ FUSED_LORA = True
 # mix decode rows with prompt chunks take C, where torch costs most (12 decodes + 64 prompt
 # tokens: 40.8 vs 22.1 ms) and the decode rows never summed in PEFT's order anyway (GGUF blocks).
 PEFT_ORDER_PROMPTS = True
+# The largest finite float16: LoRAStack.B_panels hold B in float16.
+F16_MAX = 65504.0
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
 MANUAL_ATTENTION_MIN_ROWS = 8
 
@@ -353,11 +355,13 @@ class LoRAStack:
         B_dense: [S, n*R, d_out], B^T with packed slices laid block-diagonally (slice i's rank
             rows only in slice i's columns; ``Bt`` itself when n == 1): the expand of the dense
             path, one ``addmm_`` for all slices. Costs (n-1) times ``Bt``'s memory.
-        B_panels: [S, d_out/8, R, 8] contiguous (``Bt`` cut into blocks of 8 output columns,
-            each block's R x 8 values together), and ``rows``, the C descriptor of ``A`` and it:
-            the LoRA the GGUF block kernel fuses into a few-row projection
-            (``coe.engine.quantized``; CPU float32 with the kernels built, slice widths multiples
-            of 8). Costs ``Bt``'s memory once more.
+        B_panels: [S, d_out/8, R, 8] float16, contiguous (``Bt`` cut into blocks of 8 output
+            columns, each block's R x 8 values together, rounded to float16: half the bytes a
+            step over many adapters reads, see ``lora_rows`` in qmatmul.c), and ``rows``, the C
+            descriptor of ``A`` and it: the LoRA the GGUF block kernel fuses into a few-row
+            projection (``coe.engine.quantized``; CPU float32 with the kernels built, slice
+            widths multiples of 8). Costs half of ``Bt``'s memory more. A slot whose B does not
+            fit float16 (|B| > 65504) is left out of the fused kernel (:meth:`refresh`).
     """
 
     __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in", "folded", "kernel_scale", "B_dense", "_dense_ops",
@@ -392,7 +396,7 @@ class LoRAStack:
         if dense and self.folded:
             self.B_dense = self.Bt if n == 1 else torch.zeros(num_slots, n * rank, d_out, dtype=dtype, device=device)
         if fused and self.folded and d_out % 8 == 0:
-            self.B_panels = torch.zeros(num_slots, d_out // 8, rank, 8, dtype=dtype, device=device)
+            self.B_panels = torch.zeros(num_slots, d_out // 8, rank, 8, dtype=torch.float16, device=device)
             self.rows = lora_rows(self.A, self.B_panels, self.output_slices)
             if self.rows is None:
                 self.B_panels = None
@@ -408,14 +412,22 @@ class LoRAStack:
                                               self.B_dense[lo : lo + k].view(k * width, -1))
         return ops
 
-    def refresh(self, slot: int) -> None:
+    def refresh(self, slot: int) -> bool:
         """Rebuild slot ``slot`` of ``B_panels`` and ``B_dense`` from ``Bt`` after the slot was
-        written (``B_dense`` of packed projections: slice i's rank rows keep only slice i's columns)."""
+        written (``B_dense`` of packed projections: slice i's rank rows keep only slice i's columns).
+
+        Returns:
+            Whether the fused kernel may run this slot: False when its B has a value beyond
+            float16's range (the panels' type), so that steps using it take the float32 path.
+        """
+        fits = True
         if self.B_panels is not None:  # numpy's permuted copy (about twice torch's speed for B^T)
             bt = self.Bt[slot].numpy()
-            np.copyto(self.B_panels[slot].numpy(), bt.reshape(bt.shape[0], -1, 8).transpose(1, 0, 2))
+            fits = bool(bt.size == 0 or (bt.max() <= F16_MAX and bt.min() >= -F16_MAX))
+            with np.errstate(over="ignore"):  # a misfit slot is never read from the panels
+                np.copyto(self.B_panels[slot].numpy(), bt.reshape(bt.shape[0], -1, 8).transpose(1, 0, 2), casting="same_kind")
         if self.B_dense is None or self.B_dense is self.Bt:
-            return
+            return fits
         r = self.rank
         dst = self.B_dense[slot]
         dst.zero_()
@@ -423,6 +435,7 @@ class LoRAStack:
         for i, d in enumerate(self.output_slices):
             dst[i * r : (i + 1) * r, off : off + d].copy_(self.Bt[slot, :, off : off + d])
             off += d
+        return fits
 
     @property
     def rank(self) -> int:
@@ -492,6 +505,7 @@ class Transformer:
         self.num_lora_slots = 0
         self._dense_lora = False  # the stacks have B_dense (allocate_lora)
         self._lora_width = 0  # the widest stack's n*rank where the stacks are laid out for the fused kernel
+        self._unfused_slots: set[int] = set()  # see set_slot_fused
         self.slot_groups: list[list[int]] = []  # per slot, per layer: GROUP_BITS mask of its weights
         self._eps = torch.tensor(args.norm_eps, dtype=torch.float32, device=device)
         self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
@@ -609,6 +623,15 @@ class Transformer:
         self._lora_width = max((st.A.shape[1] for layer in self.layers for st in layer.lora.values()), default=0) if native else 0
         self.num_lora_slots = num_slots
         self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
+        self._unfused_slots = set()  # slots whose B does not fit the fused kernel's float16 panels
+
+    def set_slot_fused(self, slot: int, ok: bool) -> None:
+        """Record whether slot ``slot``'s adapter may run in the fused kernel (see
+        :meth:`LoRAStack.refresh`); steps with a slot that may not take the unfused path."""
+        if ok:
+            self._unfused_slots.discard(slot)
+        else:
+            self._unfused_slots.add(slot)
 
     def set_slot_groups(self, slot: int, groups_per_layer: list[int]) -> None:
         """Record which fused groups slot ``slot`` has weights for: per layer, a bit mask over
@@ -737,7 +760,8 @@ class Transformer:
         # grouping, built once for all of its calls (one scratch, sized for the widest stack).
         fused = (native_ops.step_descriptor(meta, self._lora_width)
                  if use_lora and FUSED_LORA and T <= min(BLOCK_MAX_ROWS, MAX_FUSED_ROWS) and self._lora_width
-                 and self.layers[0].wqkv_q is not None else None)
+                 and self.layers[0].wqkv_q is not None
+                 and (not self._unfused_slots or self._unfused_slots.isdisjoint(meta.active_slots_host)) else None)
         NQK = H + K
         half = D // 2
         I = a.intermediate_size

@@ -22,6 +22,7 @@ This module knows nothing about requests or HTTP; ``adapters.py`` does the readi
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from coe.engine.adapters import PackedAdapter, read_adapter
 from coe.engine.model import GROUP_BITS, Transformer
 from coe.engine.outputs import AdapterInfo
 from coe.errors import AdapterError, UnknownModel
+
+logger = logging.getLogger("coe.engine")
 
 
 @dataclass
@@ -244,6 +247,7 @@ class AdapterRegistry:
         """Copy a packed adapter into ``slot`` of every stack (zeros where it has no weights)."""
         self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in packed.layers])
         r = packed.rank
+        fused = True  # whether every stack's panels hold this adapter's B (see LoRAStack.refresh)
         for layer, groups in zip(self.model.layers, packed.layers):
             for group, stack in layer.lora.items():
                 A, Bt, scale = stack.A[slot], stack.Bt[slot], stack.scale
@@ -252,7 +256,7 @@ class AdapterRegistry:
                     A.zero_()
                     Bt.zero_()
                     scale[:, slot] = 0
-                    stack.refresh(slot)
+                    fused &= stack.refresh(slot)
                     continue
                 pa, pbt, ps = trio
                 if r == stack.rank:
@@ -267,7 +271,12 @@ class AdapterRegistry:
                 scale[:, slot] = ps
                 if stack.folded:  # see LoRAStack: the scaling lives in A's slice rows
                     A.view(len(stack.output_slices), stack.rank, stack.d_in).mul_(ps.to(A.dtype).view(-1, 1, 1))
-                stack.refresh(slot)
+                fused &= stack.refresh(slot)
+        self.model.set_slot_fused(slot, fused)
+        if not fused:
+            logger.warning("adapter %r has LoRA B weights beyond float16's range (|B| > 65504): its decode steps skip "
+                           "the fused block kernel, whose B panels are float16, and run the slower float32 path",
+                           packed.name)
 
     def pin(self, name: str) -> "_Entry":
         """Count a running sequence on a resident adapter.

@@ -62,3 +62,13 @@ def test_phase_times_splits_each_case_by_step_kind(tiny_dir):
         assert abs(case["prefill"] + case["decode"] + case["mixed"] + case["outside"] - case["wall"]) < 0.005
     assert set(res["ratios"]) == {"uniform16/base16", "mixed16/uniform16"}
     assert all(v > 0 for v in res["ratios"]["uniform16/base16"].values() if v == v)
+
+
+def test_interleaved_rounds_alternate_their_order():
+    seen = []
+    cases = {k: (lambda k=k: seen.append(k)) for k in "abc"}
+    times = bench._interleaved(cases, 3, lambda m: None, alternate=True)
+    assert "".join(seen) == "abccbaabc" and all(len(v) == 3 for v in times.values())
+    seen.clear()
+    bench._interleaved(cases, 2, lambda m: None)
+    assert "".join(seen) == "abcabc"

@@ -183,7 +183,8 @@ def test_config_rejects_unknown_gguf_blocks_value(tmp_path):
 @needs_native
 def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, block_model, tmp_path):
     """A decode step over two adapters and the base: the LoRA fused into the block kernel agrees
-    with the separate-op paths, and a zero-B adapter leaves its rows bit-identical to the base."""
+    with the separate-op paths (to its float16 B's rounding), and a zero-B adapter leaves its rows
+    bit-identical to the base."""
     from tinyllm import save_adapter
     from transformers import AutoModelForCausalLM
 
@@ -219,17 +220,90 @@ def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, blo
                 setattr(M, k, v)
 
     fused, separate, f32 = decode(), decode(FUSED_LORA=False), decode(BLOCK_MAX_ROWS=0)
-    assert (fused - separate).abs().max() < 1e-4 and (fused - f32).abs().max() < 1e-4
-    assert (fused[0] - fused[1]).abs().max() > 1e-3  # the adapter does change its row
+    assert (separate - f32).abs().max() < 1e-4
+    # The fused kernel reads B rounded to float16 (relative 2^-11 a weight): its row moves by a
+    # fraction of the adapter's delta on top of float32's summation-order differences.
+    delta = (separate[0] - separate[1]).abs().max()
+    assert delta > 1e-3  # the adapter does change its row
+    assert (fused - separate).abs().max() < 1e-4 + 2e-3 * delta, ((fused - separate).abs().max(), delta)
     # zero B: exactly the base model's row. Compared in the same row of the same step (the base
     # model's output there, the last row without an adapter): two rows of one batch with the same
     # inputs can differ in the last bit (seen on an AVX-512 EPYC, float32 path too, no LoRA).
     assert torch.equal(fused[2], decode(-1)[2])
 
 
+@needs_native
+def test_adapter_beyond_float16_runs_unfused(engine_factory, block_model, tmp_path, caplog):
+    """An adapter with a B weight beyond float16's range (the fused kernel's panels) is told
+    about and its steps take the float32 path: the same step's rows as with fusing switched
+    off, bit for bit, and finite; an ordinary adapter's steps stay fused."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from tinyllm import save_adapter
+    from transformers import AutoModelForCausalLM
+
+    from coe.engine.batch import Decode, Prefill, build_step
+
+    path, blocks = block_model
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    big = save_adapter(hf, tmp_path / "big", r=8, targets="all-linear", seed=5)
+    weights = load_file(str(big / "adapter_model.safetensors"))
+    name = next(k for k in sorted(weights) if "lora_B" in k and "v_proj" in k)
+    weights[name][0, 0] = 7e4  # float16 holds at most 65504
+    save_file(weights, str(big / "adapter_model.safetensors"))
+    engine = engine_factory(path)
+    with caplog.at_level(logging.WARNING, logger="coe.engine"):
+        engine.load_adapter("big", big)
+        engine.load_adapter("a", save_adapter(hf, tmp_path / "a", r=8, targets="all-linear", seed=3))
+        engine.generate("warm", adapter="big", max_tokens=1)
+        engine.generate("warm", adapter="a", max_tokens=1)
+    assert any("'big'" in r.getMessage() and "float16" in r.getMessage() for r in caplog.records)
+    engine.shutdown(0)
+    net, kv = engine.model, engine.kv
+    assert net.attach_blocks(blocks)["matrices"] > 0
+    sb, sa = engine.registry.slot_of("big"), engine.registry.slot_of("a")
+    assert net._unfused_slots == {sb}
+    kvs = [kv.allocate() for _ in range(2)]
+    for s in kvs:
+        net.forward(build_step([], [Prefill(s, 0, list(range(40, 52)), -1, True)], num_lora_slots=net.num_lora_slots,
+                               kv=kv, device=engine.device), kv.k, kv.v)
+    calls = []
+    real = BlockWeight.matmul
+
+    def spy(self, x, lora=None):
+        calls.append(lora is not None)
+        return real(self, x, lora)
+
+    def decode(slots: list[int], **knobs) -> torch.Tensor:
+        old = {k: getattr(M, k) for k in knobs}
+        for k, v in knobs.items():
+            setattr(M, k, v)
+        try:
+            b = build_step([Decode(kv_slot, 12, 60, s) for kv_slot, s in zip(kvs, slots)], [],
+                           num_lora_slots=net.num_lora_slots, kv=kv, device=engine.device)
+            return net.forward(b, kv.k, kv.v)
+        finally:
+            for k, v in old.items():
+                setattr(M, k, v)
+
+    BlockWeight.matmul = spy
+    try:
+        mixed = decode([sb, sa])
+        assert not any(calls)  # a step with the misfit adapter never fuses
+        calls.clear()
+        decode([sa, sa])
+        assert any(calls)  # the ordinary adapter's steps still do
+    finally:
+        BlockWeight.matmul = real
+    assert torch.isfinite(mixed).all()
+    assert torch.equal(mixed, decode([sb, sa], FUSED_LORA=False))
+
+
 def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k: int = 96, S: int = 4, seed: int = 0):
     """Block weights, a stacked LoRA in the fused kernel's layout (A [S, n*R, K], B panels
-    [S, N/8, R, 8]) and the float64 reference of ``x @ W.T`` plus each row's delta."""
+    [S, N/8, R, 8] in float16, B drawn exactly representable in it) and the float64 reference of
+    ``x @ W.T`` plus each row's delta."""
     from kernels import LoRAMeta, native_ops
     from coe.engine.quantized import lora_rows
 
@@ -237,7 +311,7 @@ def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k:
     n_out = sum(slices)
     w = quantize_blocks(torch.randn(n_out, k, generator=g), "q4_1")
     A = torch.randn(S, len(slices) * rank, k, generator=g) * 0.1
-    B = torch.randn(S, n_out, rank, generator=g) * 0.1
+    B = (torch.randn(S, n_out, rank, generator=g) * 0.1).half().float()  # the panels hold B in float16
     x = torch.randn(T, k, generator=g)
     want = x.double() @ w.dequantize().double().t()
     for t, s in enumerate(slots):
@@ -248,7 +322,7 @@ def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k:
         for i, d in enumerate(slices):
             want[t, off : off + d] += B[s, off : off + d].double() @ h[i * rank : (i + 1) * rank]
             off += d
-    panels = B.view(S, n_out // 8, 8, rank).permute(0, 1, 3, 2).contiguous()
+    panels = B.view(S, n_out // 8, 8, rank).permute(0, 1, 3, 2).contiguous().half()
     rows = lora_rows(A, panels, slices)
     meta = LoRAMeta.build(torch.tensor(slots), S)
 

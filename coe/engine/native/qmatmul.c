@@ -133,10 +133,17 @@ static inline __attribute__((always_inline)) void q80_row(
     case 7: FN(__VA_ARGS__, 7); break; default: FN(__VA_ARGS__, 8); break; }
 
 /* A stacked projection's LoRA for the fused kernel: A [S, nR, K] (scale folded in) and B as
- * panels [S, N/8, R, 8] (B^T cut into blocks of 8 outputs, each block's R x 8 values
- * contiguous), slices ending at bounds[1..n] (multiples of 8, checked by the caller). */
+ * panels [S, N/8, R, 8] of float16 (B^T cut into blocks of 8 outputs, each block's R x 8 values
+ * contiguous; widened exactly to float32 as they are read), slices ending at bounds[1..n]
+ * (multiples of 8, checked by the caller).
+ * Why float16 panels: a step over 8 adapters reads every adapter's B (80 MB a step for SmolLM2 at
+ * r=16 in float32), and the expand waited on those reads. Measured (python -m coe.engine.bench
+ * --kernel's setup, 16 rows, 40 interleaved rounds, the 2-core EPYC): 8 adapters +5.06 ms over
+ * the base with float32 panels, +3.55 with float16; one adapter unchanged (+1.25 / +1.37). The
+ * rounding of B to float16 (relative 2^-11) moved those outputs by at most 1.2e-5 (|y| ~ 5). */
 typedef struct {
-    const float *A, *P;
+    const float *A;
+    const uint16_t *P;
     int64_t R, n;
     int64_t bounds[9];
 } lora_rows;
@@ -146,7 +153,7 @@ typedef struct {
  * latency), each summing the rank in order (one chain), so a token's output does not depend on
  * the tile it was computed in (alone or in a batch), and a zero panel adds exactly +0.0. Per
  * rank step: NB panel loads and NT broadcasts for NT * NB FMAs. */
-static inline __attribute__((always_inline)) void expand_tile(const float *const *panel, const float *const *ht, long R,
+static inline __attribute__((always_inline)) void expand_tile(const uint16_t *const *panel, const float *const *ht, long R,
                                                               float *const *yt, const int NT, const int NB)
 {
     __m256 acc[TT][4];
@@ -154,7 +161,7 @@ static inline __attribute__((always_inline)) void expand_tile(const float *const
         for (int c = 0; c < NB; c++) acc[g][c] = _mm256_setzero_ps();
     for (long r = 0; r < R; r++) {
         __m256 bv[4];
-        for (int c = 0; c < NB; c++) bv[c] = _mm256_loadu_ps(panel[c] + r * NBLK);
+        for (int c = 0; c < NB; c++) bv[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel[c] + r * NBLK)));
         for (int g = 0; g < NT; g++) {
             const __m256 hv = _mm256_broadcast_ss(ht[g] + r);
             for (int c = 0; c < NB; c++) acc[g][c] = _mm256_fmadd_ps(hv, bv[c], acc[g][c]);
@@ -172,7 +179,7 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
 {
     const long R = lr->R, n0 = blk * NBLK;
     for (long u = 0; u < sp->U; u++) {
-        const float *panel = lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + blk) * R) * NBLK;
+        const uint16_t *panel = lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + blk) * R) * NBLK;
         const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
         for (long q = q0; q < q1; q += TT) {
             const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
@@ -184,7 +191,7 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
             }
             for (int c = 0; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time */
                 const int nb = nt <= 2 && nblk - c >= 4 ? 4 : (nblk - c >= 2 ? 2 : 1);
-                const float *pc[4];
+                const uint16_t *pc[4];
                 for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
                 float *yc[TT];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
@@ -209,8 +216,8 @@ static inline void split(long n, int t, int nt, long *lo, long *hi)
 
 /* Memory a thread reads later in the call (its share of the LoRA's A rows and B panels),
  * prefetched a few cache lines per block while it computes the base outputs: the base loop is
- * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (157 MB a
- * step for SmolLM2 at r=16, more than the base's blocks) would otherwise be read in stalls. */
+ * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (117 MB a
+ * step for SmolLM2 at r=16 with float16 panels, more than the base's blocks) would otherwise be read in stalls. */
 #define PF_MAX (2 * MAX_FUSED + 2)
 typedef struct {
     const char *p[PF_MAX];
@@ -272,7 +279,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 4);
             }
             for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1, per slot */
-                pf_add(&pf, lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + b0) * lr->R) * NBLK, (b1 - b0) * lr->R * NBLK * 4);
+                pf_add(&pf, lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + b0) * lr->R) * NBLK, (b1 - b0) * lr->R * NBLK * 2);
             long lines = 0;
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             per = b1 > b0 ? (lines + (b1 - b0) * NBLK - 1) / ((b1 - b0) * NBLK) : 0;  /* lines per output */
@@ -339,4 +346,4 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
     }
 }
 
-int coe_native_abi(void) { return 3; }
+int coe_native_abi(void) { return 4; }
