@@ -16,7 +16,8 @@ transformers+PEFT runs on the engine's loop thread, so both sides use the one Op
   over 8 adapters; PEFT runs them as one batch with ``adapter_names``;
 - ``heterogeneity_ratio`` (>= 0.95): 16 requests over 8 adapters / 16 on one adapter;
 - ``lora_vs_base_ratio`` (>= 0.95): 16 on one adapter / 16 on the base model (these two over
-  ``ratio_rounds`` = 4 x repeats engine-only rounds of their three cases, in alternating order);
+  ``ratio_rounds`` = 4 x repeats engine-only rounds of their three cases, in alternating order;
+  ``ratio_spread`` has the quartiles of their per-round values and the ratio of best rounds);
 - ``adapter_switch_ms`` (< 1): added latency of a short request when the previous one used
   another resident adapter;
 - ``cold_load_ms`` (< 100): reading an r=16 all-linear adapter from local disk into a slot;
@@ -109,6 +110,17 @@ def _ratio(num: list[float], den: list[float]) -> float:
     """The median of the per-round ratios num[i] / den[i] (rounds with a zero den left out):
     a drifting machine load cancels within a round (see :func:`_interleaved`)."""
     return _median([a / b for a, b in zip(num, den) if b])
+
+
+def _spread(num: list[float], den: list[float]) -> dict[str, float]:
+    """How far a ratio's rounds scatter: the quartiles of the per-round ratios num[i] / den[i],
+    and the ratio of the two sides' fastest rounds (``of_best``: what the machine's extra load,
+    which only ever slows a round, leaves least room to move)."""
+    r = sorted(a / b for a, b in zip(num, den) if b)
+    if not r:
+        return {}
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"q1": round(q[0], 4), "median": round(q[1], 4), "q3": round(q[2], 4), "of_best": round(min(num) / min(den), 4)}
 
 
 def _cases(names: list[str], batch: int) -> dict[str, list[str | None]]:
@@ -360,6 +372,9 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     res["heterogeneity_ratio"] = ratio("mixed16", "uniform16", ratio_times)
     res["lora_vs_base_ratio"] = ratio("uniform16", "base16", ratio_times)
     res["ratio_rounds"] = len(ratio_times["base16"])
+    res["ratio_spread"] = {k: _spread(ratio_times[den], ratio_times[num])
+                           for k, (num, den) in {"heterogeneity_ratio": ("mixed16", "uniform16"),
+                                                 "lora_vs_base_ratio": ("uniform16", "base16")}.items()}
     if not skip_peft:
         res["peft_single_stream_tok_s"] = rate["peft_single"]
         res["peft_single_stream_base_tok_s"] = rate["peft_single_base"]

@@ -72,3 +72,10 @@ def test_interleaved_rounds_alternate_their_order():
     seen.clear()
     bench._interleaved(cases, 2, lambda m: None)
     assert "".join(seen) == "abcabc"
+
+
+def test_spread_of_a_ratio():
+    # rates' ratio per round = den's time / num's: 1.0, 0.5, 0.8, 0.9; fastest rounds 2.0 and 1.8
+    got = bench._spread([2.0, 2.0, 2.4, 1.8], [2.0, 4.0, 3.0, 2.0])
+    assert got["median"] == 0.85 and got["q1"] < got["median"] < got["q3"] and got["of_best"] == 0.9
+    assert bench._spread([], []) == {}
