@@ -613,10 +613,12 @@ if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --
     ap.add_argument("--steps", action="store_true", help="time single forward steps of the design's variants instead")
     ap.add_argument("--phases", action="store_true", help="time the 16-request cases' real steps by kind instead")
     ap.add_argument("--kernel", action="store_true", help="time one step's worth of the fused block kernel alone instead")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of --phases (5) or iterations of --steps (15) / --kernel (20)")
     a = ap.parse_args()
     if a.steps or a.phases or a.kernel:
         fn = step_times if a.steps else phase_times if a.phases else kernel_times
-        out = fn(a.model, threads=a.threads, log=lambda m: print(m, file=sys.stderr))
+        more = {} if a.rounds is None else {"repeats" if a.phases else "iterations": a.rounds}
+        out = fn(a.model, threads=a.threads, log=lambda m: print(m, file=sys.stderr), **more)
         print(json.dumps(out, indent=2))
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=2))
