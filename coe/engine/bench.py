@@ -543,8 +543,8 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
                                    f"{'/'.join(targets)} is {d_in} -> {slices}")
             w = BlockWeight("q4_1", torch.randint(0, 256, (n, d_in // 2), dtype=torch.uint8, generator=g),
                             torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
-            A = torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01
-            P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()  # float16 panels, as the engine keeps them
+            A = (torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01).half()  # float16, as the engine keeps the fused copies
+            P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()
             calls.append((w, A, P, lora_rows(A, P, slices)))
     xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
     cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}

@@ -45,7 +45,7 @@ QK = 32  # GGUF block size of Q4_1 and Q8_0
 KINDS = ("q4_1", "q8_0")
 _SRC = Path(__file__).with_name("native") / "qmatmul.c"
 _KERNELS_C = Path(native.__file__).with_name("native")  # lora_shrink.h, shared with kernels' C backend
-_ABI = 4
+_ABI = 5
 MAX_FUSED_ROWS = 16  # MAX_FUSED in qmatmul.c: the most rows a call with a fused LoRA may have
 _P, _L, _I64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int64
 MAX_SLICES = 8
@@ -76,13 +76,13 @@ def native_library() -> ctypes.CDLL | None:
 
 
 def lora_rows(A: torch.Tensor, B_panels: torch.Tensor, output_slices: tuple[int, ...]) -> Any:
-    """A pointer to the C descriptor of one stacked projection's LoRA (A [S, n*R, K] float32 with
-    the scaling folded in, B_panels [S, N/8, R, 8] float16: B^T in blocks of 8 outputs, see
-    ``lora_rows`` in qmatmul.c for why float16), for :meth:`BlockWeight.matmul`; None where the
+    """A pointer to the C descriptor of one stacked projection's LoRA (A [S, n*R, K] with the
+    scaling folded in, B_panels [S, N/8, R, 8]: B^T in blocks of 8 outputs; both float16, see
+    ``LoRAStack`` in coe.engine.model for why), for :meth:`BlockWeight.matmul`; None where the
     kernel cannot fuse it (a slice width that is not a multiple of 8). The caller keeps the
     tensors alive (read live: slot writes show)."""
-    if A.dtype != torch.float32 or B_panels.dtype != torch.float16:
-        raise ValueError(f"lora_rows needs A in float32 and B_panels in float16, got {A.dtype} and {B_panels.dtype}")
+    if A.dtype != torch.float16 or B_panels.dtype != torch.float16:
+        raise ValueError(f"lora_rows needs A and B_panels in float16, got {A.dtype} and {B_panels.dtype}")
     if any(d % 8 for d in output_slices) or len(output_slices) > MAX_SLICES:
         return None
     bounds = [0]

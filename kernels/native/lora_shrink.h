@@ -16,21 +16,32 @@ typedef struct {            /* one step's tokens grouped by slot (cached per ste
 
 #define TT 4                /* tokens per register tile */
 
+/* Element c of a row of A: float32, or float16 widened exactly (HALF, a compile-time constant
+ * after inlining; the engine's fused block kernel keeps a float16 copy of A, see qmatmul.c). */
+static inline __attribute__((always_inline)) __m256 a_load8(const void *a, long c, const int HALF) {
+    return HALF ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + c)))
+                : _mm256_loadu_ps((const float *)a + c);
+}
+
+static inline __attribute__((always_inline)) float a_at(const void *a, long c, const int HALF) {
+    return HALF ? _cvtsh_ss(((const uint16_t *)a)[c]) : ((const float *)a)[c];
+}
+
 /* out_j[i] = A row j . x_i for NJ rows of A (a[0..NJ-1]) and NT tokens: NJ * NT accumulators
  * over k (8 where the tile allows), each row of A loaded once per 8 columns for all tokens and
  * each token's x once for all rows (a 2 x 4 tile needs 6 loads per 8 FMAs; one row against 4
  * tokens needed 10). Every (token, row) dot product sums k in the same order, one accumulator
  * over blocks of 8 then the 8 lanes and the tail, whatever the tile: a token's h does not
  * depend on which other tokens share its step. */
-static inline __attribute__((always_inline)) void dots_tile(const float *const *a, const float *const *xs, long k,
-                                                            float out[][TT], const int NJ, const int NT) {
+static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
+                                                            float out[][TT], const int NJ, const int NT, const int HALF) {
     __m256 acc[4][TT];
     for (int j = 0; j < NJ; j++)
         for (int i = 0; i < NT; i++) acc[j][i] = _mm256_setzero_ps();
     long c = 0;
     for (; c + 8 <= k; c += 8) {
         __m256 av[4];
-        for (int j = 0; j < NJ; j++) av[j] = _mm256_loadu_ps(a[j] + c);
+        for (int j = 0; j < NJ; j++) av[j] = a_load8(a[j], c, HALF);
         for (int i = 0; i < NT; i++) {
             const __m256 xv = _mm256_loadu_ps(xs[i] + c);
             for (int j = 0; j < NJ; j++) acc[j][i] = _mm256_fmadd_ps(av[j], xv, acc[j][i]);
@@ -42,7 +53,7 @@ static inline __attribute__((always_inline)) void dots_tile(const float *const *
             lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
             lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
             float r = _mm_cvtss_f32(lo);
-            for (long q = c; q < k; q++) r += a[j][q] * xs[i][q];
+            for (long q = c; q < k; q++) r += a_at(a[j], q, HALF) * xs[i][q];
             out[j][i] = r;
         }
 }
@@ -50,31 +61,43 @@ static inline __attribute__((always_inline)) void dots_tile(const float *const *
 /* The tile sizes as compile-time constants in each copy, so the accumulators stay in
  * registers (with run-time counts GCC kept them in memory: ~10x slower): nj rows (1, 2 or 4;
  * 4 only with nt <= 2) by nt tokens. */
-static void dots(const float *const *a, int nj, const float *const *xs, int nt, long k, float out[][TT]) {
+static inline __attribute__((always_inline)) void dots_t(const void *const *a, int nj, const float *const *xs, int nt, long k,
+                                                         float out[][TT], const int HALF) {
 #define DOTS_NT(NJ) switch (nt) { \
-    case 4: dots_tile(a, xs, k, out, NJ, 4); break; case 3: dots_tile(a, xs, k, out, NJ, 3); break; \
-    case 2: dots_tile(a, xs, k, out, NJ, 2); break; default: dots_tile(a, xs, k, out, NJ, 1); break; }
+    case 4: dots_tile(a, xs, k, out, NJ, 4, HALF); break; case 3: dots_tile(a, xs, k, out, NJ, 3, HALF); break; \
+    case 2: dots_tile(a, xs, k, out, NJ, 2, HALF); break; default: dots_tile(a, xs, k, out, NJ, 1, HALF); break; }
     if (nj == 4) {
-        if (nt == 2) dots_tile(a, xs, k, out, 4, 2); else dots_tile(a, xs, k, out, 4, 1);
+        if (nt == 2) dots_tile(a, xs, k, out, 4, 2, HALF); else dots_tile(a, xs, k, out, 4, 1, HALF);
     } else if (nj == 2) { DOTS_NT(2) } else { DOTS_NT(1) }
 #undef DOTS_NT
+}
+
+static void dots(const void *const *a, int nj, const float *const *xs, int nt, long k, float out[][TT]) {
+    dots_t(a, nj, xs, nt, k, out, 0);
+}
+
+static void dots_half(const void *const *a, int nj, const float *const *xs, int nt, long k, float out[][TT]) {
+    dots_t(a, nj, xs, nt, k, out, 1);
 }
 
 #define SHRINK_ROWS 4       /* rows of A per shrink task */
 
 /* h[t, j] = A[slot(t), j, :] . x[t] for the shrink's tasks k0..k1 of this thread, a task being
  * (active slot u, SHRINK_ROWS rows of A from jq): task = u * ceil(nR / SHRINK_ROWS) + jq. Groups
- * of up to 4 tokens take the rows two at a time, groups of 1-2 all four at once. */
-static inline void lora_shrink_range(const float *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
-                                     long k0, long k1)
+ * of up to 4 tokens take the rows two at a time, groups of 1-2 all four at once. A is float32,
+ * or float16 when ``half`` (then every product uses A's value widened exactly). */
+static inline void lora_shrink_range(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
+                                     long k0, long k1, int half)
 {
+    const long esize = half ? 2 : 4;
+    void (*const dot)(const void *const *, int, const float *const *, int, long, float[][TT]) = half ? dots_half : dots;
     const int32_t *order = sp->order, *seg_slot = sp->seg_slot, *seg_start = sp->seg_start, *seg_count = sp->seg_count;
     float *h = sp->h;
     const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
     for (long task = k0; task < k1; task++) {
         const long u = task / np, j0 = SHRINK_ROWS * (task % np);
         const long rows = nR - j0 < SHRINK_ROWS ? nR - j0 : SHRINK_ROWS;
-        const float *a0 = A + ((long)seg_slot[u] * nR + j0) * d_in;
+        const char *a0 = (const char *)A + ((long)seg_slot[u] * nR + j0) * d_in * esize;
         const long q0 = seg_start[u], q1 = q0 + seg_count[u];
         for (long q = q0; q < q1; q += TT) {
             const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
@@ -82,9 +105,10 @@ static inline void lora_shrink_range(const float *A, long nR, long d_in, const f
             for (int i = 0; i < nt; i++) xs[i] = x + (long)order[q + i] * ldx;
             for (long j = 0; j < rows;) {
                 const int nj = nt <= 2 && rows - j == 4 ? 4 : (rows - j >= 2 ? 2 : 1);
-                const float *a[4] = {a0 + j * d_in, a0 + (j + 1) * d_in, a0 + (j + 2) * d_in, a0 + (j + 3) * d_in};
+                const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
+                                    a0 + (j + 3) * d_in * esize};
                 float out[4][TT];
-                dots(a, nj, xs, nt, d_in, out);
+                dot(a, nj, xs, nt, d_in, out);
                 for (int i = 0; i < nt; i++)
                     for (int jj = 0; jj < nj; jj++) h[(long)order[q + i] * nR + j0 + j + jj] = out[jj][i];
                 j += nj;
@@ -101,7 +125,7 @@ static inline long lora_shrink_tasks(long nR, const lora_step *sp) { return sp->
 static inline void lora_shrink_for(const float *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp)
 {
 #pragma omp for schedule(static)
-    for (long task = 0; task < lora_shrink_tasks(nR, sp); task++) lora_shrink_range(A, nR, d_in, x, ldx, sp, task, task + 1);
+    for (long task = 0; task < lora_shrink_tasks(nR, sp); task++) lora_shrink_range(A, nR, d_in, x, ldx, sp, task, task + 1, 0);
 }
 
 #endif

@@ -183,7 +183,7 @@ def test_config_rejects_unknown_gguf_blocks_value(tmp_path):
 @needs_native
 def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, block_model, tmp_path):
     """A decode step over two adapters and the base: the LoRA fused into the block kernel agrees
-    with the separate-op paths (to its float16 B's rounding), and a zero-B adapter leaves its rows
+    with the separate-op paths (to its float16 A's and B's rounding), and a zero-B adapter leaves its rows
     bit-identical to the base."""
     from tinyllm import save_adapter
     from transformers import AutoModelForCausalLM
@@ -221,7 +221,7 @@ def test_fused_lora_matches_separate_ops_and_zero_b_is_exact(engine_factory, blo
 
     fused, separate, f32 = decode(), decode(FUSED_LORA=False), decode(BLOCK_MAX_ROWS=0)
     assert (separate - f32).abs().max() < 1e-4
-    # The fused kernel reads B rounded to float16 (relative 2^-11 a weight): its row moves by a
+    # The fused kernel reads A and B rounded to float16 (relative 2^-11 a weight): its row moves by a
     # fraction of the adapter's delta on top of float32's summation-order differences.
     delta = (separate[0] - separate[1]).abs().max()
     assert delta > 1e-3  # the adapter does change its row
@@ -302,7 +302,7 @@ def test_adapter_beyond_float16_runs_unfused(engine_factory, block_model, tmp_pa
 
 def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k: int = 96, S: int = 4, seed: int = 0):
     """Block weights, a stacked LoRA in the fused kernel's layout (A [S, n*R, K], B panels
-    [S, N/8, R, 8] in float16, B drawn exactly representable in it) and the float64 reference of
+    [S, N/8, R, 8], both float16 and drawn exactly representable in it) and the float64 reference of
     ``x @ W.T`` plus each row's delta."""
     from kernels import LoRAMeta, native_ops
     from coe.engine.quantized import lora_rows
@@ -310,8 +310,8 @@ def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k:
     g = torch.Generator().manual_seed(seed)
     n_out = sum(slices)
     w = quantize_blocks(torch.randn(n_out, k, generator=g), "q4_1")
-    A = torch.randn(S, len(slices) * rank, k, generator=g) * 0.1
-    B = (torch.randn(S, n_out, rank, generator=g) * 0.1).half().float()  # the panels hold B in float16
+    A = (torch.randn(S, len(slices) * rank, k, generator=g) * 0.1).half().float()  # the kernel holds A and B in float16
+    B = (torch.randn(S, n_out, rank, generator=g) * 0.1).half().float()
     x = torch.randn(T, k, generator=g)
     want = x.double() @ w.dequantize().double().t()
     for t, s in enumerate(slots):
@@ -323,6 +323,7 @@ def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k:
             want[t, off : off + d] += B[s, off : off + d].double() @ h[i * rank : (i + 1) * rank]
             off += d
     panels = B.view(S, n_out // 8, 8, rank).permute(0, 1, 3, 2).contiguous().half()
+    A = A.half()
     rows = lora_rows(A, panels, slices)
     meta = LoRAMeta.build(torch.tensor(slots), S)
 

@@ -133,16 +133,17 @@ static inline __attribute__((always_inline)) void q80_row(
     case 7: FN(__VA_ARGS__, 7); break; default: FN(__VA_ARGS__, 8); break; }
 
 /* A stacked projection's LoRA for the fused kernel: A [S, nR, K] (scale folded in) and B as
- * panels [S, N/8, R, 8] of float16 (B^T cut into blocks of 8 outputs, each block's R x 8 values
- * contiguous; widened exactly to float32 as they are read), slices ending at bounds[1..n]
- * (multiples of 8, checked by the caller).
- * Why float16 panels: a step over 8 adapters reads every adapter's B (80 MB a step for SmolLM2 at
- * r=16 in float32), and the expand waited on those reads. Measured (python -m coe.engine.bench
+ * panels [S, N/8, R, 8] (B^T cut into blocks of 8 outputs, each block's R x 8 values
+ * contiguous), both float16, widened exactly to float32 as they are read; slices ending at
+ * bounds[1..n] (multiples of 8, checked by the caller).
+ * Why float16: a step over 8 adapters reads every adapter's A and B (157 MB a step for SmolLM2 at
+ * r=16 in float32), and the expand waited on B's reads. Measured (python -m coe.engine.bench
  * --kernel's setup, 16 rows, 40 interleaved rounds, the 2-core EPYC): 8 adapters +5.06 ms over
  * the base with float32 panels, +3.55 with float16; one adapter unchanged (+1.25 / +1.37). The
- * rounding of B to float16 (relative 2^-11) moved those outputs by at most 1.2e-5 (|y| ~ 5). */
+ * rounding of B to float16 (relative 2^-11) moved those outputs by at most 1.2e-5 (|y| ~ 5).
+ * A in float16 as well: see coe.engine.model.LoRAStack. */
 typedef struct {
-    const float *A;
+    const uint16_t *A;
     const uint16_t *P;
     int64_t R, n;
     int64_t bounds[9];
@@ -216,8 +217,8 @@ static inline void split(long n, int t, int nt, long *lo, long *hi)
 
 /* Memory a thread reads later in the call (its share of the LoRA's A rows and B panels),
  * prefetched a few cache lines per block while it computes the base outputs: the base loop is
- * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (117 MB a
- * step for SmolLM2 at r=16 with float16 panels, more than the base's blocks) would otherwise be read in stalls. */
+ * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (78 MB a
+ * step for SmolLM2 at r=16 in float16, more than the base's blocks) would otherwise be read in stalls. */
 #define PF_MAX (2 * MAX_FUSED + 2)
 typedef struct {
     const char *p[PF_MAX];
@@ -276,7 +277,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             for (long u = k0 / np; u < sp->U && u * np < k1; u++) {  /* A rows of tasks k0..k1, per slot */
                 const long j0 = SHRINK_ROWS * (k0 > u * np ? k0 - u * np : 0);
                 const long j1 = k1 < (u + 1) * np ? SHRINK_ROWS * (k1 - u * np) : nR;
-                pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 4);
+                pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 2);
             }
             for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1, per slot */
                 pf_add(&pf, lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + b0) * lr->R) * NBLK, (b1 - b0) * lr->R * NBLK * 2);
@@ -311,7 +312,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             /* prefetched above: this thread's even share k0..k1, which it mostly takes */
             const long ntasks = lora_shrink_tasks(nR, sp);
             for (long k; (k = __atomic_fetch_add(&next_task, 1, __ATOMIC_RELAXED)) < ntasks;)
-                lora_shrink_range(lr->A, nR, K, x, ldx, sp, k, k + 1);
+                lora_shrink_range(lr->A, nR, K, x, ldx, sp, k, k + 1, 1);
 #pragma omp barrier
             long i = 0;
             for (long blk = b0; blk < b1;) {
@@ -346,4 +347,4 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
     }
 }
 
-int coe_native_abi(void) { return 4; }
+int coe_native_abi(void) { return 5; }
