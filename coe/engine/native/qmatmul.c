@@ -218,7 +218,10 @@ static inline void split(long n, int t, int nt, long *lo, long *hi)
 /* Memory a thread reads later in the call (its share of the LoRA's A rows and B panels),
  * prefetched a few cache lines per block while it computes the base outputs: the base loop is
  * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (78 MB a
- * step for SmolLM2 at r=16 in float16, more than the base's blocks) would otherwise be read in stalls. */
+ * step for SmolLM2 at r=16 in float16, more than the base's blocks) would otherwise be read in stalls.
+ * Into L2 (T1) when one slot is active; into L1 (T0) when several are: measured with 8 adapters
+ * (the --kernel setup, 40 interleaved rounds, 4 runs) T0 cost 0.7-3.0 ms less a step than T1
+ * (e.g. +2.20 against +4.57 ms over the base), with one adapter T1 was as good or better. */
 #define PF_MAX (2 * MAX_FUSED + 2)
 typedef struct {
     const char *p[PF_MAX];
@@ -232,11 +235,12 @@ static inline void pf_add(pf_list *l, const void *p, long bytes)
     if (bytes > 0 && l->k < PF_MAX) { l->p[l->k] = (const char *)p; l->n[l->k] = bytes; l->k++; }
 }
 
-static inline void pf_some(pf_list *l, long lines)
+static inline void pf_some(pf_list *l, long lines, int l1)
 {
     while (lines > 0 && l->i < l->k) {
         if (l->off >= l->n[l->i]) { l->i++; l->off = 0; continue; }
-        _mm_prefetch(l->p[l->i] + l->off, _MM_HINT_T1);
+        if (l1) _mm_prefetch(l->p[l->i] + l->off, _MM_HINT_T0);
+        else _mm_prefetch(l->p[l->i] + l->off, _MM_HINT_T1);
         l->off += 64;
         lines--;
     }
@@ -296,7 +300,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                 for (long n = n0; n < n1; n++) {
                     if (r0 == 0) {  /* prefetches spread over the first tile's outputs */
-                        if (per) pf_some(&pf, per);
+                        if (per) pf_some(&pf, per, sp->U > 1);
                         if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N) {  /* see W_AHEAD */
                             const char *wq = (const char *)(qs + (n + W_AHEAD) * (K / 2));
                             const char *wd = (const char *)(dm + (n + W_AHEAD) * 2 * nb);
