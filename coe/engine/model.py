@@ -213,8 +213,8 @@ FUSED_LORA = True
 # mix decode rows with prompt chunks take C, where torch costs most (12 decodes + 64 prompt
 # tokens: 40.8 vs 22.1 ms) and the decode rows never summed in PEFT's order anyway (GGUF blocks).
 PEFT_ORDER_PROMPTS = True
-# The largest finite float16: LoRAStack.B_panels hold B in float16.
-F16_MAX = 65504.0
+# The largest finite float16 (65504): LoRAStack.A_half and B_panels hold A and B in float16.
+F16_MAX = float(torch.finfo(torch.float16).max)
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
 MANUAL_ATTENTION_MIN_ROWS = 8
 
@@ -632,11 +632,11 @@ class Transformer:
         self._lora_width = max((st.A.shape[1] for layer in self.layers for st in layer.lora.values()), default=0) if native else 0
         self.num_lora_slots = num_slots
         self.slot_groups = [[0] * len(self.layers) for _ in range(num_slots)]
-        self._unfused_slots = set()  # slots whose B does not fit the fused kernel's float16 panels
+        self._unfused_slots = set()  # slots whose A or B does not fit the fused kernel's float16 copies
 
     def set_slot_fused(self, slot: int, ok: bool) -> None:
         """Record whether slot ``slot``'s adapter may run in the fused kernel (see
-        :meth:`LoRAStack.refresh`); steps with a slot that may not take the unfused path."""
+        :meth:`LoRAStack.refresh`); steps using a slot that may not take the unfused path."""
         if ok:
             self._unfused_slots.discard(slot)
         else:
@@ -770,7 +770,7 @@ class Transformer:
         fused = (native_ops.step_descriptor(meta, self._lora_width)
                  if use_lora and FUSED_LORA and T <= min(BLOCK_MAX_ROWS, MAX_FUSED_ROWS) and self._lora_width
                  and self.layers[0].wqkv_q is not None
-                 and (not self._unfused_slots or self._unfused_slots.isdisjoint(meta.active_slots_host)) else None)
+                 and self._unfused_slots.isdisjoint(meta.active_slots_host) else None)
         NQK = H + K
         half = D // 2
         I = a.intermediate_size

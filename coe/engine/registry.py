@@ -247,7 +247,7 @@ class AdapterRegistry:
         """Copy a packed adapter into ``slot`` of every stack (zeros where it has no weights)."""
         self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in packed.layers])
         r = packed.rank
-        fused = True  # whether every stack's panels hold this adapter's B (see LoRAStack.refresh)
+        fused = True  # whether every stack's float16 copies hold this adapter's A and B (see LoRAStack.refresh)
         for layer, groups in zip(self.model.layers, packed.layers):
             for group, stack in layer.lora.items():
                 A, Bt, scale = stack.A[slot], stack.Bt[slot], stack.scale
@@ -274,9 +274,9 @@ class AdapterRegistry:
                 fused &= stack.refresh(slot)
         self.model.set_slot_fused(slot, fused)
         if not fused:
-            logger.warning("adapter %r has LoRA B weights beyond float16's range (|B| > 65504): its decode steps skip "
-                           "the fused block kernel, whose B panels are float16, and run the slower float32 path",
-                           packed.name)
+            logger.warning("adapter %r has LoRA A or B weights beyond float16's range (|value| > 65504): its decode "
+                           "steps skip the fused block kernel, which reads float16 copies of A and B, and run the "
+                           "slower float32 path", packed.name)
 
     def pin(self, name: str) -> "_Entry":
         """Count a running sequence on a resident adapter.

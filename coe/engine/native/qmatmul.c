@@ -273,6 +273,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         long b0, b1, k0 = 0, k1 = 0, per = 0;
+        int pf_l1 = 0;  /* prefetch into L1 (several slots) or L2 (one): see pf_list */
         split(nblk, t, nt, &b0, &b1);
         pf_list pf = {.k = 0, .i = 0, .off = 0};
         if (lr) {
@@ -288,6 +289,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             long lines = 0;
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             per = b1 > b0 ? (lines + (b1 - b0) * NBLK - 1) / ((b1 - b0) * NBLK) : 0;  /* lines per output */
+            pf_l1 = sp->U > 1;
         }
         /* Row tiles outside the block's outputs: a tile's x (8 rows of 576 floats: 18 KB) stays in
          * L1 for the block's 8 weight rows, which the next tile reads again from L1. With the
@@ -300,7 +302,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                 for (long n = n0; n < n1; n++) {
                     if (r0 == 0) {  /* prefetches spread over the first tile's outputs */
-                        if (per) pf_some(&pf, per, sp->U > 1);
+                        if (per) pf_some(&pf, per, pf_l1);
                         if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N) {  /* see W_AHEAD */
                             const char *wq = (const char *)(qs + (n + W_AHEAD) * (K / 2));
                             const char *wd = (const char *)(dm + (n + W_AHEAD) * 2 * nb);
