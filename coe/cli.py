@@ -168,6 +168,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    e.add_argument("--ratio-rounds", type=int, default=None, metavar="N",
+                   help="rounds of the engine-only ratio cases (default: 12; each ~15 s): more rounds narrow the "
+                        "ratios' confidence intervals")
     e.set_defaults(func=_target("coe.engine.bench:main"))
 
     t = bsub.add_parser("ttft", help="routing overhead on time-to-first-token: auto vs explicit expert")

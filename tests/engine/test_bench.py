@@ -79,3 +79,29 @@ def test_spread_of_a_ratio():
     got = bench._spread([2.0, 2.0, 2.4, 1.8], [2.0, 4.0, 3.0, 2.0])
     assert got["median"] == 0.85 and got["q1"] < got["median"] < got["q3"] and got["of_best"] == 0.9
     assert bench._spread([], []) == {}
+    assert "ci95" not in got  # too few rounds for an interval
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_rounds():
+    import random
+
+    rng = random.Random(1)
+    few = [0.95 + rng.gauss(0, 0.03) for _ in range(8)]
+    many = few + [0.95 + rng.gauss(0, 0.03) for _ in range(120)]
+    lo, hi = bench._median_ci(few)
+    assert lo <= bench._median(few) <= hi
+    lo2, hi2 = bench._median_ci(many)
+    assert lo2 <= bench._median(many) <= hi2 and hi2 - lo2 < hi - lo
+    assert bench._median_ci(few) == (lo, hi)  # seeded: a result file can be recomputed
+    assert bench._median_ci(few[:4]) is None
+    got = bench._spread([1.0] * 6, [0.9, 0.95, 1.0, 1.05, 1.1, 1.0])
+    assert got["ci95"][0] <= got["median"] <= got["ci95"][1]
+
+
+def test_verdict_reads_a_goal_as_met_only_when_the_interval_clears_it():
+    goal = (">=", 0.95)
+    assert bench._verdict(0.96, goal, None) == "met" and bench._verdict(0.94, goal, None) == "MISSED"
+    assert bench._verdict(0.97, goal, [0.955, 0.98]).startswith("met")
+    assert bench._verdict(0.96, goal, [0.94, 0.97]).startswith("UNDECIDED")
+    assert bench._verdict(0.93, goal, [0.92, 0.94]).startswith("MISSED")
+    assert bench._verdict(0.5, ("<", 1.0), None) == "met"
