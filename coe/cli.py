@@ -145,6 +145,17 @@ def _add_eval_e2e(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- benchmarks
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rounds, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 round, got {n}")
+    return n
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (programs that print numbers)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="{router,engine,ttft}")
@@ -168,7 +179,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    e.add_argument("--ratio-rounds", type=int, default=None, metavar="N",
+    e.add_argument("--ratio-rounds", type=_at_least_one, default=None, metavar="N",
                    help="rounds of the engine-only ratio cases (default: 12; each ~15 s): more rounds narrow the "
                         "ratios' confidence intervals")
     e.set_defaults(func=_target("coe.engine.bench:main"))

@@ -313,7 +313,12 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     Order: engine warm-up of every case, the engine-only measurements (adapter switch, cold load,
     ITL during a load), ``peak_rss_mb``; then transformers+PEFT is loaded and the throughput cases
     of both run interleaved (:func:`_interleaved`).
+
+    Raises:
+        ValueError: ``ratio_rounds`` is below 1 (checked before anything loads).
     """
+    if ratio_rounds is not None and ratio_rounds < 1:
+        raise ValueError(f"ratio_rounds must be at least 1 (got {ratio_rounds}); leave it unset for {RATIO_ROUNDS} x repeats")
     res: dict[str, Any] = {"model": model or "embedded SmolLM2-135M-Instruct (GGUF, fp32)", "threads": threads,
                            "device": device, "new_tokens": new_tokens, "batch": batch, "repeats": repeats,
                            "adapters": NUM_ADAPTERS, "rank": RANK, "torch": torch.__version__}
@@ -388,7 +393,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     # they come from RATIO_ROUNDS x repeats rounds of their own three cases (~13 s a round),
     # every other round in reverse order (in the rounds above, uniform16 always followed PEFT).
     ratio_cases = ("mixed16", "uniform16", "base16")
-    n_ratio = max(1, ratio_rounds or RATIO_ROUNDS * repeats)
+    n_ratio = ratio_rounds or RATIO_ROUNDS * repeats
     log(f"timing {len(ratio_cases)} engine cases, {n_ratio} more interleaved rounds for the ratios...")
     ratio_times = _interleaved({k: cases[k] for k in ratio_cases}, n_ratio, log, alternate=True)
     tokens = {"single": new_tokens, "single_base": new_tokens, "peft_single": new_tokens, "peft_single_base": new_tokens}

@@ -7,6 +7,8 @@ import argparse
 import json
 import math
 
+import pytest
+
 from coe.engine import bench
 
 KEYS = [
@@ -105,3 +107,16 @@ def test_verdict_reads_a_goal_as_met_only_when_the_interval_clears_it():
     assert bench._verdict(0.96, goal, [0.94, 0.97]).startswith("UNDECIDED")
     assert bench._verdict(0.93, goal, [0.92, 0.94]).startswith("MISSED")
     assert bench._verdict(0.5, ("<", 1.0), None) == "met"
+
+
+@pytest.mark.parametrize("value, why", [("0", "at least 1 round"), ("-3", "at least 1 round"), ("x", "whole number")])
+def test_ratio_rounds_must_be_a_positive_whole_number(value, why, capsys):
+    from coe import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "engine", "--ratio-rounds", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ratio-rounds" in err and why in err
+    with pytest.raises(ValueError, match="ratio_rounds must be at least 1"):  # before anything loads
+        bench.run("/nonexistent", ratio_rounds=0)
