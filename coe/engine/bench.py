@@ -143,11 +143,8 @@ def _median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | No
     import numpy as np
     from scipy.stats import bootstrap
 
-    kw = dict(confidence_level=level, n_resamples=10_000, method="percentile")
-    try:
-        res = bootstrap((np.asarray(xs, dtype=float),), np.median, rng=np.random.default_rng(0), **kw)
-    except TypeError:  # scipy < 1.15 names the generator random_state
-        res = bootstrap((np.asarray(xs, dtype=float),), np.median, random_state=np.random.default_rng(0), **kw)
+    res = bootstrap((np.asarray(xs, dtype=float),), np.median, confidence_level=level, n_resamples=10_000,
+                    method="percentile", rng=np.random.default_rng(0))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

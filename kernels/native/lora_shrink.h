@@ -90,7 +90,6 @@ static inline void lora_shrink_range(const void *A, long nR, long d_in, const fl
                                      long k0, long k1, int half)
 {
     const long esize = half ? 2 : 4;
-    void (*const dot)(const void *const *, int, const float *const *, int, long, float[][TT]) = half ? dots_half : dots;
     const int32_t *order = sp->order, *seg_slot = sp->seg_slot, *seg_start = sp->seg_start, *seg_count = sp->seg_count;
     float *h = sp->h;
     const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
@@ -108,7 +107,7 @@ static inline void lora_shrink_range(const void *A, long nR, long d_in, const fl
                 const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
                                     a0 + (j + 3) * d_in * esize};
                 float out[4][TT];
-                dot(a, nj, xs, nt, d_in, out);
+                if (half) dots_half(a, nj, xs, nt, d_in, out); else dots(a, nj, xs, nt, d_in, out);
                 for (int i = 0; i < nt; i++)
                     for (int jj = 0; jj < nj; jj++) h[(long)order[q + i] * nR + j0 + j + jj] = out[jj][i];
                 j += nj;
