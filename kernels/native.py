@@ -27,6 +27,10 @@ from typing import Callable
 import torch  # noqa: F401  (loaded first: libgomp.so.1 must resolve to torch's copy)
 
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
+# Added where the CPU has them (see :func:`isa`): the sources' ``#ifdef __AVX512F__`` paths.
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+AVX512_CPU = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+ISAS = ("avx2", "avx512")
 _why: dict[str, str] = {}
 
 
@@ -43,6 +47,22 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def isa() -> str:
+    """The instruction set the kernels are built for: ``avx512`` where the CPU has AVX-512
+    (F/BW/VL/DQ), else ``avx2``. ``COE_NATIVE_ISA=avx2`` forces the AVX2 build on any CPU (to
+    compare the two, or to rule one out); ``avx512`` on a CPU without it is refused by
+    :func:`load`. Read at every :func:`load`, so a test can build both."""
+    want = os.environ.get("COE_NATIVE_ISA", "").strip().lower()
+    if want and want not in ISAS:
+        raise ValueError(f"COE_NATIVE_ISA={want!r}: expected one of {', '.join(ISAS)} (or unset for the best the CPU has)")
+    return want or ("avx512" if AVX512_CPU <= cpu_flags() else "avx2")
+
+
+def build_flags() -> tuple[str, ...]:
+    """The compiler flags of :func:`isa`'s build."""
+    return CFLAGS + (AVX512_FLAGS if isa() == "avx512" else ())
 
 
 def disabled() -> bool:
@@ -66,13 +86,19 @@ def load(src: Path, setup: Callable[[ctypes.CDLL], bool], include: tuple[Path, .
         return no("COE_NATIVE=0")
     if not {"avx2", "fma", "f16c"} <= cpu_flags():
         return no("the CPU lacks AVX2/FMA/F16C (or /proc/cpuinfo is unreadable)")
+    try:
+        base = build_flags()
+    except ValueError as exc:
+        return no(str(exc))
+    if isa() == "avx512" and not AVX512_CPU <= cpu_flags():
+        return no("COE_NATIVE_ISA=avx512, but the CPU lacks AVX-512 F/BW/VL/DQ; unset it or set it to avx2")
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         return no(f"no C compiler (gcc, cc or $CC) to build {src.name}")
     dirs = (src.parent, *include)
-    flags = CFLAGS + tuple(f"-I{d}" for d in include)
+    flags = base + tuple(f"-I{d}" for d in include)
     code = src.read_bytes() + b"".join(h.read_bytes() for d in dirs for h in sorted(d.glob("*.h")))
-    digest = hashlib.sha256(code + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + " ".join((cc,) + base).encode()).hexdigest()[:16]
     out = cache_dir() / f"{src.stem}-{digest}.so"
     if not out.is_file():
         try:

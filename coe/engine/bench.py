@@ -602,7 +602,7 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
     run_in_fresh_thread(loop)
     ratio = lambda a, b: round(_ratio(times[a], times[b]), 3)  # noqa: E731
     return {"threads": threads, "rows": rows, "calls": len(calls), "iterations": iterations,
-            "ms": {k: round(_median(v), 1) for k, v in times.items()},
+            "ms": {k: round(_median(v), 3) for k, v in times.items()},
             "one_over_base": ratio("one_adapter", "base"), "eight_over_one": ratio("eight_adapters", "one_adapter")}
 
 

@@ -11,8 +11,9 @@ operations the GGUF dequantizer used to build the float32 checkpoint, so the wei
 bit-for-bit those of the float32 model (checked for every matrix when it is attached: one that
 differs is not used); only the dot products' summation order differs from MKL's.
 
-Why a hand-written kernel (``native/qmatmul.c``, AVX2 + FMA + OpenMP, built once with the
-machine's C compiler into the cache by ``kernels.native``): torch has no fast CPU kernel for these layouts. Measured
+Why a hand-written kernel (``native/qmatmul.c``, AVX2 + FMA + OpenMP, with 16-float AVX-512
+paths where the CPU has them, built once with the machine's C compiler into the cache by
+``kernels.native``): torch has no fast CPU kernel for these layouts. Measured
 on the 2-core AVX2 CPU (median over 60 distinct copies of a [1536, 576] matrix, so none is
 cached): torch's ``_weight_int4pack_mm_for_cpu`` takes ~1 ms per row (10x float32's GEMV) and
 ``_weight_int8pack_mm`` 0.8 ms; our Q4_1 kernel 0.09 ms at 1 row and 0.33 ms at 16 rows against

@@ -1,4 +1,5 @@
-/* Multi-LoRA shrink + expand for few-token steps on a CPU (AVX2 + FMA + OpenMP).
+/* Multi-LoRA shrink + expand for few-token steps on a CPU (AVX2 + FMA + OpenMP; AVX-512 where the
+ * CPU has it, see kernels.native).
  *
  * For each token t with slot s = slot(t) >= 0 and each packed slice i (columns off_i..off_i+d_i):
  *   h[t, i*R:(i+1)*R] = A[s, i*R:(i+1)*R, :] @ x[t]
@@ -35,6 +36,25 @@ typedef struct {            /* one stacked projection's LoRA weights (cached per
 static inline __attribute__((always_inline)) void expand_n(const float *b, long d_out, long R, float hs[][64],
                                                            float *const *yt, long c0, long c1, const int nt) {
     long col = c0;
+#ifdef __AVX512F__
+    /* with AVX-512 (see kernels.native): 2 vectors of 16 columns, the same FMAs per output */
+    for (; col + 32 <= c1; col += 32) {
+        __m512 acc[TT][2];
+        for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (long r = 0; r < R; r++) {
+            const __m512 b0 = _mm512_loadu_ps(b + r * d_out + col), b1 = _mm512_loadu_ps(b + r * d_out + col + 16);
+            for (int t = 0; t < nt; t++) {
+                const __m512 hv = _mm512_set1_ps(hs[t][r]);
+                acc[t][0] = _mm512_fmadd_ps(hv, b0, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(hv, b1, acc[t][1]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            _mm512_storeu_ps(yt[t] + col, _mm512_add_ps(_mm512_loadu_ps(yt[t] + col), acc[t][0]));
+            _mm512_storeu_ps(yt[t] + col + 16, _mm512_add_ps(_mm512_loadu_ps(yt[t] + col + 16), acc[t][1]));
+        }
+    }
+#endif
     for (; col + 16 <= c1; col += 16) {
         __m256 acc[TT][2];
         for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();

@@ -33,6 +33,38 @@ static inline __attribute__((always_inline)) float a_at(const void *a, long c, c
  * tokens needed 10). Every (token, row) dot product sums k in the same order, one accumulator
  * over blocks of 8 then the 8 lanes and the tail, whatever the tile: a token's h does not
  * depend on which other tokens share its step. */
+#ifdef __AVX512F__
+/* The same with 16-float vectors (a build for AVX-512 CPUs, see kernels.native): blocks of 16,
+ * the 16 lanes summed by _mm512_reduce_add_ps, then the tail; again one order for every tile. */
+static inline __attribute__((always_inline)) __m512 a_load16(const void *a, long c, const int HALF) {
+    return HALF ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + c)))
+                : _mm512_loadu_ps((const float *)a + c);
+}
+
+static inline __attribute__((always_inline)) float a_at(const void *a, long c, const int HALF);
+
+static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
+                                                            float out[][TT], const int NJ, const int NT, const int HALF) {
+    __m512 acc[4][TT];
+    for (int j = 0; j < NJ; j++)
+        for (int i = 0; i < NT; i++) acc[j][i] = _mm512_setzero_ps();
+    long c = 0;
+    for (; c + 16 <= k; c += 16) {
+        __m512 av[4];
+        for (int j = 0; j < NJ; j++) av[j] = a_load16(a[j], c, HALF);
+        for (int i = 0; i < NT; i++) {
+            const __m512 xv = _mm512_loadu_ps(xs[i] + c);
+            for (int j = 0; j < NJ; j++) acc[j][i] = _mm512_fmadd_ps(av[j], xv, acc[j][i]);
+        }
+    }
+    for (int j = 0; j < NJ; j++)
+        for (int i = 0; i < NT; i++) {
+            float r = _mm512_reduce_add_ps(acc[j][i]);
+            for (long q = c; q < k; q++) r += a_at(a[j], q, HALF) * xs[i][q];
+            out[j][i] = r;
+        }
+}
+#else
 static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
                                                             float out[][TT], const int NJ, const int NT, const int HALF) {
     __m256 acc[4][TT];
@@ -57,6 +89,7 @@ static inline __attribute__((always_inline)) void dots_tile(const void *const *a
             out[j][i] = r;
         }
 }
+#endif
 
 /* The tile sizes as compile-time constants in each copy, so the accumulators stay in
  * registers (with run-time counts GCC kept them in memory: ~10x slower): nj rows (1, 2 or 4;

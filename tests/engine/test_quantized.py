@@ -29,7 +29,7 @@ def _random_blocks(kind: str, n: int, k: int, seed: int) -> BlockWeight:
 @needs_native
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 19])
-def test_product_matches_dequantized_matrix(kind, rows):
+def test_product_matches_dequantized_matrix(kind, rows, native_isa):
     w = _random_blocks(kind, 37, 96, seed=rows)  # odd N; K = 3 blocks
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(100 + rows))
     want = x.double() @ w.dequantize().double().t()
@@ -40,7 +40,7 @@ def test_product_matches_dequantized_matrix(kind, rows):
 
 @needs_native
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_kernel_forms_the_float32_weights_bit_for_bit(kind):
+def test_kernel_forms_the_float32_weights_bit_for_bit(kind, native_isa):
     """One-hot rows read single weights back out of the kernel: each must equal the float32
     matrix exactly (the products' sums are then the only place rounding can differ)."""
     w = _random_blocks(kind, 24, 64, seed=7)
@@ -49,7 +49,7 @@ def test_kernel_forms_the_float32_weights_bit_for_bit(kind):
 
 
 @needs_native
-def test_strided_rows_and_threads():
+def test_strided_rows_and_threads(native_isa):
     w = _random_blocks("q4_1", 40, 64, seed=3)
     x = torch.randn(6, 128)[:, ::2]  # non-contiguous input
     want = x @ w.dequantize().t()
@@ -60,6 +60,48 @@ def test_strided_rows_and_threads():
             assert torch.allclose(w.matmul(x), want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(torch_threads)
+
+
+@needs_native
+@pytest.mark.parametrize("slots", [[0] * 16, [0, 2, 1, 2, 0, 0, 1, 2, 2, 0, 1, 1, 0, 2, 1, 0], [1, 1, 1], [2]])
+def test_fused_lora_kernel_matches_reference_and_ignores_batch(slots, native_isa):
+    """The block kernel with its LoRA fused in (``coe_q41_matmul_lora``), in each build: within
+    float32 rounding of x W^T + B (A x) in float64, and each row's output bit for bit the same
+    computed alone as in the batch for the LoRA's part (output slices of 5, 4 and 3 blocks of 8
+    exercise every expand tile, paired and single). The base part's sum may differ in its last
+    bits: its number of partial sums depends on the row tile (see ``q41_row``), so that check
+    runs on zero blocks, whose base part is exactly 0."""
+    from kernels import LoRAMeta, native_ops
+
+    from coe.engine.quantized import lora_rows
+
+    g = torch.Generator().manual_seed(len(slots))
+    slices, S, R, K = (40, 32, 24), 3, 16, 96
+    N = sum(slices)
+    w = _random_blocks("q4_1", N, K, seed=len(slots))
+    A = (torch.randn(S, len(slices) * R, K, generator=g) * 0.1).half()
+    B = (torch.randn(S, N, R, generator=g) * 0.1).half()  # B[s, n, r]
+    P = B.view(S, N // 8, 8, R).transpose(2, 3).contiguous()  # panels [S, N/8, R, 8]
+    desc = lora_rows(A, P, slices)
+    x = torch.randn(len(slots), K, generator=g)
+
+    def run(rows: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+        meta = LoRAMeta.build(torch.tensor(row_slots), S)
+        return w.matmul(rows, (desc, native_ops.step_descriptor(meta, A.shape[1])))
+
+    got = run(x, slots)
+    want = x.double() @ w.dequantize().double().t()
+    off = 0
+    for i, d in enumerate(slices):
+        for t, s in enumerate(slots):
+            h = A[s, i * R:(i + 1) * R].double() @ x[t].double()
+            want[t, off:off + d] += B[s, off:off + d].double() @ h
+        off += d
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    w.scales.zero_()  # every weight d * q + m = 0: the output is the LoRA delta alone
+    delta = run(x, slots)
+    for t, s in enumerate(slots):
+        assert torch.equal(run(x[t:t + 1], [s])[0], delta[t])
 
 
 @needs_native

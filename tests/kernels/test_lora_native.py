@@ -8,7 +8,8 @@ from lora_cases import Problem, slot_pattern
 
 from kernels import LoRAMeta, add_lora, add_lora_packed, native_ops
 
-pytestmark = pytest.mark.skipif(native_ops.library() is None, reason=f"native kernels unavailable: {native_ops.unavailable_reason()}")
+pytestmark = [pytest.mark.skipif(native_ops.library() is None, reason=f"native kernels unavailable: {native_ops.unavailable_reason()}"),
+              pytest.mark.usefixtures("native_isa")]  # every test once per build the CPU runs (AVX2, AVX-512)
 
 
 def _engine_layout(p: Problem) -> Problem:
@@ -104,3 +105,28 @@ def test_token_order_does_not_change_a_token_result():
     assert torch.equal(y[perm], y_perm)
     alone = add_lora_packed(p.y[:1].clone(), p.x[:1], p.A, p.B, slots[:1], p.scale, p.output_slices, backend="native")
     assert torch.equal(alone[0], y[0])
+
+
+def test_isa_choice_follows_the_cpu_and_coe_native_isa(monkeypatch):
+    """``kernels.native.isa``: the best build the CPU runs, ``COE_NATIVE_ISA`` to force one, a
+    clear refusal of an unknown value or of AVX-512 on a CPU without it."""
+    from pathlib import Path
+
+    from kernels import native
+
+    monkeypatch.delenv("COE_NATIVE_ISA", raising=False)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    assert native.isa() == "avx2" and "-mavx512f" not in native.build_flags()
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}) | native.AVX512_CPU)
+    assert native.isa() == "avx512" and "-mavx512f" in native.build_flags()
+    monkeypatch.setenv("COE_NATIVE_ISA", "AVX2")
+    assert native.isa() == "avx2"
+    monkeypatch.setenv("COE_NATIVE_ISA", "sse4")
+    with pytest.raises(ValueError, match="COE_NATIVE_ISA='sse4'.*avx2, avx512"):
+        native.isa()
+    src = Path(native_ops.__file__).with_name("native") / "lora.c"
+    assert native.load(src, lambda lib: True) is None and "COE_NATIVE_ISA='sse4'" in native.unavailable_reason(src)
+    monkeypatch.setenv("COE_NATIVE_ISA", "avx512")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    assert native.load(src, lambda lib: True) is None
+    assert "lacks AVX-512" in native.unavailable_reason(src) and "avx2" in native.unavailable_reason(src)

@@ -9,6 +9,14 @@
  * fast on AVX2 (its int4 kernel takes ~10x the float32 GEMV's time here), and a decode step on
  * a 2-core CPU is bound by reading weights: Q4_1 reads 0.75 bytes per weight against float32's 4.
  *
+ * AVX-512: where the CPU has it, kernels.native builds this file with -mavx512f/bw/vl/dq, and the
+ * #ifdef __AVX512F__ paths take 16-float vectors: q41_row16 / q80_row16 (two weight vectors a
+ * block), expand_tile16 (pairs of 8-output panels) and the shrink's dots_tile (lora_shrink.h).
+ * Measured on a 2-core AVX-512 EPYC (COE_NATIVE_ISA=avx2 vs avx512, python -m coe.engine.bench
+ * --kernel --rounds 20, 120 calls of SmolLM2's shapes on 16 rows, two runs each): base 24.6 / 24.3
+ * ms -> 17.7 / 17.1; one adapter 25.5 / 23.2 -> 17.5 / 16.6; eight adapters 24.3 / 24.1 -> 18.3 /
+ * 17.5. COE_NATIVE_ISA=avx2 builds the AVX2 paths on any CPU.
+ *
  * Exactness: the GGUF dequantizer that built the float32 checkpoint forms each weight as
  * fl(fl(q * d) + m). Here a Q4_1 weight is fma(q, d, m) = fl(q * d + m), the same value: d is a
  * float16 (11 significant bits) and q < 16 (4 bits), so q * d has at most 15 significant bits
@@ -104,6 +112,52 @@ static inline __attribute__((always_inline)) void q41_row(
     acc_store(acc, y, ldy, n, MT, NA);
 }
 
+#ifdef __AVX512F__
+/* The same with 16-float vectors (built where the CPU has AVX-512, see kernels.native): two
+ * weight vectors a block, and blocks taken in pairs so that a row's NA accumulators (1, 2 or 4)
+ * are compile-time indices: block 2i feeds acc 0 and 1, block 2i+1 acc 2 and 3 (mod NA). A
+ * row's sum still does not depend on the other rows of the tile, only on MT (as above). */
+static inline __attribute__((always_inline)) void q41_row16(
+    const uint8_t *qs, const float *dm, const float *x, long ldx, float *y, long ldy,
+    long n, long nb, const int MT)
+{
+    const int NA = MT <= 2 ? 4 : (MT <= 8 ? 2 : 1);
+    __m512 acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < NA; a++) acc[r][a] = _mm512_setzero_ps();
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    long b = 0;
+#define Q41_BLOCK16(B, A0, A1) do { \
+        const __m512 d = _mm512_set1_ps(dm[2 * (B)]), m = _mm512_set1_ps(dm[2 * (B) + 1]); \
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + 16 * (B))); \
+        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))), d, m); \
+        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask))), d, m); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MT; r++) { \
+            const float *xr = x + r * ldx + QK * (B); \
+            acc[r][(A0) % NA] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][(A0) % NA]); \
+            acc[r][(A1) % NA] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][(A1) % NA]); \
+        } } while (0)
+    for (; b + 2 <= nb; b += 2) {
+        Q41_BLOCK16(b, 0, 1);
+        Q41_BLOCK16(b + 1, 2, 3);
+    }
+    if (b < nb) Q41_BLOCK16(b, 0, 1);
+#undef Q41_BLOCK16
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        __m512 a = acc[r][0];
+        if (NA > 1) a = _mm512_add_ps(a, acc[r][1]);
+        if (NA > 2) a = _mm512_add_ps(a, _mm512_add_ps(acc[r][2], acc[r][3]));
+        y[r * ldy + n] = _mm512_reduce_add_ps(a);
+    }
+}
+#define Q41_ROW q41_row16
+#else
+#define Q41_ROW q41_row
+#endif
+
 static inline __attribute__((always_inline)) void q80_row(
     const int8_t *qs, const float *dd, const float *x, long ldx, float *y, long ldy,
     long n, long nb, const int MT)
@@ -124,6 +178,48 @@ static inline __attribute__((always_inline)) void q80_row(
     }
     acc_store(acc, y, ldy, n, MT, NA);
 }
+
+#ifdef __AVX512F__
+/* q80_row with 16-float vectors, blocks in pairs as in q41_row16. */
+static inline __attribute__((always_inline)) void q80_row16(
+    const int8_t *qs, const float *dd, const float *x, long ldx, float *y, long ldy,
+    long n, long nb, const int MT)
+{
+    const int NA = MT <= 2 ? 4 : (MT <= 8 ? 2 : 1);
+    __m512 acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < NA; a++) acc[r][a] = _mm512_setzero_ps();
+    long b = 0;
+#define Q80_BLOCK16(B, A0, A1) do { \
+        const __m512 d = _mm512_set1_ps(dd[B]); \
+        const int8_t *q = qs + QK * (B); \
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), d); \
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), d); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MT; r++) { \
+            const float *xr = x + r * ldx + QK * (B); \
+            acc[r][(A0) % NA] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][(A0) % NA]); \
+            acc[r][(A1) % NA] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][(A1) % NA]); \
+        } } while (0)
+    for (; b + 2 <= nb; b += 2) {
+        Q80_BLOCK16(b, 0, 1);
+        Q80_BLOCK16(b + 1, 2, 3);
+    }
+    if (b < nb) Q80_BLOCK16(b, 0, 1);
+#undef Q80_BLOCK16
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        __m512 a = acc[r][0];
+        if (NA > 1) a = _mm512_add_ps(a, acc[r][1]);
+        if (NA > 2) a = _mm512_add_ps(a, _mm512_add_ps(acc[r][2], acc[r][3]));
+        y[r * ldy + n] = _mm512_reduce_add_ps(a);
+    }
+}
+#define Q80_ROW q80_row16
+#else
+#define Q80_ROW q80_row
+#endif
 
 #define TILE_CASES(FN, ...) \
     switch (mt) { \
@@ -173,8 +269,38 @@ static inline __attribute__((always_inline)) void expand_tile(const uint16_t *co
             _mm256_storeu_ps(yt[g] + c * NBLK, _mm256_add_ps(_mm256_loadu_ps(yt[g] + c * NBLK), acc[g][c]));
 }
 
+#ifdef __AVX512F__
+/* expand_tile with 16-float vectors: NP pairs of adjacent blocks (2 * NP panels), each pair's two
+ * rows of 8 float16 joined into one vector. Every output still sums the rank in order in one
+ * chain, the same FMAs as expand_tile's, so results do not depend on which tile (or which of
+ * the two) computed them. */
+static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *const *panel, const float *const *ht, long R,
+                                                                float *const *yt, const int NT, const int NP)
+{
+    __m512 acc[TT][2];
+    for (int g = 0; g < NT; g++)
+        for (int p = 0; p < NP; p++) acc[g][p] = _mm512_setzero_ps();
+    for (long r = 0; r < R; r++) {
+        __m512 bv[2];
+        for (int p = 0; p < NP; p++) {
+            const __m128i lo = _mm_loadu_si128((const __m128i *)(panel[2 * p] + r * NBLK));
+            const __m128i hi = _mm_loadu_si128((const __m128i *)(panel[2 * p + 1] + r * NBLK));
+            bv[p] = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+        }
+        for (int g = 0; g < NT; g++) {
+            const __m512 hv = _mm512_set1_ps(ht[g][r]);
+            for (int p = 0; p < NP; p++) acc[g][p] = _mm512_fmadd_ps(hv, bv[p], acc[g][p]);
+        }
+    }
+    for (int g = 0; g < NT; g++)
+        for (int p = 0; p < NP; p++)
+            _mm512_storeu_ps(yt[g] + p * 2 * NBLK, _mm512_add_ps(_mm512_loadu_ps(yt[g] + p * 2 * NBLK), acc[g][p]));
+}
+#endif
+
 /* The LoRA delta of every row with a slot, added to y[:, 8 blk : 8 (blk + nblk)] for nblk (at
- * most 4) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4 blocks. */
+ * most 4) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4 blocks (with
+ * AVX-512: up to 4 tokens x 2 pairs of blocks). */
 static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, long nR, long N, long blk, int nblk,
                                       long i, float *y, long ldy)
 {
@@ -190,7 +316,23 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
                 ht[g] = sp->h + (long)sp->order[q + g] * nR + i * R;
                 yt[g] = y + (long)sp->order[q + g] * ldy + n0;
             }
-            for (int c = 0; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time */
+            int c = 0;
+#ifdef __AVX512F__
+            while (nblk - c >= 2) {  /* pairs of blocks: 2 pairs, then 1 */
+                const int np = nblk - c >= 4 ? 2 : 1;
+                const uint16_t *pc[4];
+                for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
+                float *yc[TT];
+                for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
+#define EXPAND16_NT(NP) switch (nt) { \
+                case 4: expand_tile16(pc, ht, R, yc, 4, NP); break; case 3: expand_tile16(pc, ht, R, yc, 3, NP); break; \
+                case 2: expand_tile16(pc, ht, R, yc, 2, NP); break; default: expand_tile16(pc, ht, R, yc, 1, NP); break; }
+                if (np == 2) { EXPAND16_NT(2) } else { EXPAND16_NT(1) }
+#undef EXPAND16_NT
+                c += 2 * np;
+            }
+#endif
+            for (; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time */
                 const int nb = nt <= 2 && nblk - c >= 4 ? 4 : (nblk - c >= 2 ? 2 : 1);
                 const uint16_t *pc[4];
                 for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
@@ -254,8 +396,10 @@ static inline void pf_some(pf_list *l, long lines, int l1)
  *   2. shrink tasks h = A x (SHRINK_ROWS rows of A of one active slot each), taken from a shared
  *      counter until none is left; a barrier (h complete);
  *   3. the expand of its blocks (up to four at a time), added to y after the base sum (a zero B adds exactly nothing).
- * No step of it depends on which rows share the call: a row's result is the same alone, and a
- * shrink task's result does not depend on the thread that takes it.
+ * A row's LoRA delta does not depend on which rows share the call (the same alone), and a
+ * shrink task's result does not depend on the thread that takes it. The base dot product's
+ * number of partial sums does depend on the row tile's size (NA in q41_row), so a row's base
+ * part may differ in its last bits between a batch and alone (within float32 rounding).
  * Why a shared counter for the shrink: the two threads finish their base blocks tens of
  * microseconds apart, and with a fixed half of the shrink each, the first to finish waited at
  * the barrier. Taking tasks as they come, it does the shrink while the other finishes. Measured
@@ -310,7 +454,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                             for (long o = 0; o < 8 * nb; o += 64) _mm_prefetch(wd + o, _MM_HINT_NTA);
                         }
                     }
-                    TILE_CASES(q41_row, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
+                    TILE_CASES(Q41_ROW, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
                 }
             }
         }
@@ -348,7 +492,7 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
     for (long n = 0; n < N; n++) {
         for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
             const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-            TILE_CASES(q80_row, qs + n * K, d + n * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
+            TILE_CASES(Q80_ROW, qs + n * K, d + n * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
         }
     }
 }
