@@ -432,9 +432,11 @@ def step_times(model: str | None = None, *, threads: int = 2, iterations: int = 
     (context 60) on the base model, one adapter, and 8 adapters; each as the engine runs it (GGUF
     blocks with the LoRA fused into them), with the LoRA in separate ops (``_unfused``: the dense
     path for one adapter, kernels' C backend for eight), and on float32 weights only (``_f32``:
-    no GGUF blocks, as for a safetensors model); and prompt steps of 16 prompts x 32 tokens
-    (``prompt512_*``) on the base model, one adapter in PEFT's summation order (kernels' torch
-    backend, as the engine runs it) and in C (``_c``: ``PEFT_ORDER_PROMPTS`` off), and 8 adapters.
+    no GGUF blocks, as for a safetensors model; the oneDNN-packed copies where torch has
+    oneDNN, see ``PACKED_MIN_ROWS``); and prompt steps of 16 prompts x 32 tokens
+    (``prompt512_*``) on the base model, one adapter as the engine runs it (kernels' torch
+    backend in PEFT's summation order, or C where the projections are oneDNN-packed) and in C
+    (``_c``: ``PEFT_ORDER_PROMPTS`` off), and 8 adapters.
     Cases take turns within each iteration; the median per case is reported.
     The steps run on a helper thread, as in the engine (see ``coe.engine.threads``).
     """

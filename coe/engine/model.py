@@ -199,6 +199,15 @@ def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch
 # Steps of at most this many rows multiply by a projection as column blocks (``_proj``: decode steps
 # and short prefill chunks); longer ones through one ``mm``, which MKL already spreads over the cores.
 CHUNK_MAX_ROWS = 256
+# Steps of at least this many rows (and more than BLOCK_MAX_ROWS where a projection has GGUF
+# blocks) multiply by a oneDNN-packed copy of the weight on a CPU in float32 (None: no copies).
+# Measured (2-core AVX-512 EPYC, [T, 576] x [576, 3072], best of 5 x 10 calls, ms): T = 16:
+# mm 0.47, column-block bmm 0.38, oneDNN 0.14; 64: 1.23 / 1.12 / 0.48; 512: 8.7 / 8.7 / 3.7 (250
+# GMAC/s: MKL's sgemm stays on AVX2 on this AMD CPU, oneDNN takes AVX-512). With oneDNN held to
+# AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) it still led, 7.6 ms against 10.1 at 512 rows. At one row the
+# column blocks are as fast (0.059 vs 0.060), and GGUF blocks beat it up to 16 rows out of
+# cache (0.19 vs 0.24 ms a [16, 576] x [576, 3072] product).
+PACKED_MIN_ROWS: int | None = 2
 # Steps of at most this many rows multiply by a projection's GGUF blocks when it has them
 # (``_proj``). Measured per [1536, 576] matrix (60 distinct copies, 2 cores), Q4_1 kernel vs
 # float32 column-block bmm, us: 1 row 92 vs 314, 4 rows 126 vs 403, 8 rows 185 vs 479, 16 rows
@@ -212,6 +221,10 @@ FUSED_LORA = True
 # step's LoRA time (a 480-token prompt, 120 LoRA calls: torch 123.6 ms, C 110.6). Steps that
 # mix decode rows with prompt chunks take C, where torch costs most (12 decodes + 64 prompt
 # tokens: 40.8 vs 22.1 ms) and the decode rows never summed in PEFT's order anyway (GGUF blocks).
+# Off where the projections are oneDNN-packed (PACKED_MIN_ROWS): the base GEMM no longer sums in
+# PEFT's order, so the torch LoRA buys no closeness (SmolLM2 prompt logits 3.6e-4 from PEFT's
+# with it, 3.2e-4 with C; PEFT itself is 3.2e-4 from float64) and costs time (a 512-token
+# prompt's LoRA, 16 paired steps: +34 ms over the base with torch, +25 with C).
 PEFT_ORDER_PROMPTS = True
 # The largest finite float16 (65504): LoRAStack.A_half and B_panels hold A and B in float16.
 F16_MAX = float(torch.finfo(torch.float16).max)
@@ -232,10 +245,13 @@ def chunk_view(w_t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch.Tensor | None,
-          w_q: BlockWeight | None = None) -> torch.Tensor:
+          w_q: BlockWeight | None = None, w_p: Any = None) -> torch.Tensor:
     """``x @ w_t (+ b)``. Steps of up to ``BLOCK_MAX_ROWS`` rows multiply by the GGUF blocks
     ``w_q`` when the model has them (``coe.engine.quantized``: the same weights in 0.75 bytes
-    each), other few-row steps through ``bmm`` over the weight's column blocks ``w_c``.
+    each); steps of ``PACKED_MIN_ROWS`` rows or more by the oneDNN-packed copy ``w_p`` where
+    there is one (on a CPU in float32; also every step once ``w_t`` was dropped, see
+    ``Transformer.attach_blocks``); other few-row steps through ``bmm`` over the weight's column
+    blocks ``w_c``, the rest through one ``mm``.
 
     Why: with a handful of rows (a decode step) the product is a matrix-vector product bound by
     reading the weight, and MKL's GEMM runs it on one core: measured on this 2-core CPU, a
@@ -250,6 +266,8 @@ def _proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch
     if w_q is not None and T <= BLOCK_MAX_ROWS:
         y = w_q.matmul(x)
         return y if b is None else y.add_(b)
+    if w_p is not None and (w_t is None or (PACKED_MIN_ROWS is not None and T >= PACKED_MIN_ROWS)):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w_p, b, "none", [], "")
     if w_c is None or T > CHUNK_MAX_ROWS:
         return _linear(x, w_t, b)
     C = w_c.shape[0]
@@ -455,11 +473,12 @@ class Layer:
     """One decoder block's weights (plain attributes: see the module docstring)."""
 
     __slots__ = ("attn_norm", "wqkv_t", "bqkv", "wo_t", "bo", "ffn_norm", "w13_t", "b13", "w2_t", "b2", "lora",
-                 "wqkv_c", "wo_c", "w13_c", "w2_c", "wqkv_q", "wo_q", "w13_q", "w2_q")
+                 "wqkv_c", "wo_c", "w13_c", "w2_c", "wqkv_q", "wo_q", "w13_q", "w2_q", "wqkv_p", "wo_p", "w13_p", "w2_p")
 
     def __init__(self) -> None:
         self.lora: dict[str, LoRAStack] = {}
         self.wqkv_q = self.wo_q = self.w13_q = self.w2_q = None  # GGUF blocks (Transformer.attach_blocks)
+        self.wqkv_p = self.wo_p = self.w13_p = self.w2_p = None  # oneDNN-packed copies (see PACKED_MIN_ROWS)
 
 
 @dataclass
@@ -601,6 +620,8 @@ class Transformer:
             L.w2_t = need(p + "mlp.down_proj.weight", (a.dim, I)).contiguous().t()
             L.b2 = maybe(p + "mlp.down_proj.bias", (a.dim,), a.mlp_bias)
             L.wqkv_c, L.wo_c, L.w13_c, L.w2_c = (chunk_view(w) for w in (L.wqkv_t, L.wo_t, L.w13_t, L.w2_t))
+            if self._cpu32 and PACKED_MIN_ROWS is not None:
+                L.wqkv_p, L.wo_p, L.w13_p, L.w2_p = (_mkldnn_pack(w.t()) for w in (L.wqkv_t, L.wo_t, L.w13_t, L.w2_t))
             L.lora = {
                 "qkv": LoRAStack(a.dim, (a.q_size, a.kv_size, a.kv_size)),
                 "o": LoRAStack(a.q_size, (a.dim,)),
@@ -664,7 +685,9 @@ class Transformer:
 
     def attach_blocks(self, blocks: dict[str, BlockWeight]) -> dict[str, Any]:
         """Use a GGUF's own quantized blocks (``coe.engine.quantized``) for steps of up to
-        ``BLOCK_MAX_ROWS`` rows, beside the float32 weights that longer steps use.
+        ``BLOCK_MAX_ROWS`` rows, beside the float32 weights that longer steps use (where a
+        projection also has a oneDNN copy, that copy serves the longer steps and the plain
+        float32 matrix is dropped).
 
         Each fused projection (q/k/v, o, gate/up, down; the output head) takes its blocks only
         when they dequantize bit for bit to the float32 weights the model holds, so the model
@@ -696,6 +719,13 @@ class Transformer:
             L.wo_q = take([p + "self_attn.o_proj.weight"], L.wo_t.t())
             L.w13_q = take([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], L.w13_t.t())
             L.w2_q = take([p + "mlp.down_proj.weight"], L.w2_t.t())
+            # A projection with blocks (steps of up to BLOCK_MAX_ROWS rows) and a oneDNN copy (longer
+            # ones) never reads its float32 matrix again: drop it (SmolLM2: 424 MB). _proj then
+            # sends every step the blocks do not take to the oneDNN copy.
+            for name in ("wqkv", "wo", "w13", "w2"):
+                if getattr(L, name + "_q") is not None and getattr(L, name + "_p") is not None:
+                    setattr(L, name + "_t", None)
+                    setattr(L, name + "_c", None)
         head = self.head
         if head.blocks is not None:  # the CPU float32 layouts; rows [V, dim] rebuilt to compare
             name = "model.embed_tokens.weight" if self.tok_embeddings is None else "lm_head.weight"
@@ -716,8 +746,9 @@ class Transformer:
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        for L in self.layers:  # GGUF blocks kept beside the float32 weights (attach_blocks)
+        for L in self.layers:  # GGUF blocks kept beside the float32 weights (attach_blocks), oneDNN copies
             total += sum(q.nbytes() for q in (L.wqkv_q, L.wo_q, L.w13_q, L.w2_q) if q is not None)
+            total += sum(p.numel() * p.element_size() for p in (L.wqkv_p, L.wo_p, L.w13_p, L.w2_p) if p is not None)
         return total
 
     # ------------------------------------------------------------------ forward
@@ -764,7 +795,8 @@ class Transformer:
         # Prompt-only steps on one adapter sum their LoRA in PEFT's order (PEFT_ORDER_PROMPTS);
         # every other step takes kernels' default backend (C on a CPU: faster at every step
         # shape measured, kernels.native_ops.MAX_TOKENS).
-        lora_backend = "torch" if PEFT_ORDER_PROMPTS and Bd == 0 and self._cpu32 and len(meta.active_slots_host) == 1 else None
+        lora_backend = ("torch" if PEFT_ORDER_PROMPTS and Bd == 0 and self._cpu32 and len(meta.active_slots_host) == 1
+                        and self.layers[0].wqkv_p is None else None)
         # Steps the block kernel can take with their LoRA fused (see _lora_proj): the step's token
         # grouping, built once for all of its calls (one scratch, sized for the widest stack).
         fused = (native_ops.step_descriptor(meta, self._lora_width)
@@ -782,9 +814,9 @@ class Transformer:
             # ---- attention
             h = _rms_norm(x, layer.attn_norm, eps, dim)
             if lmask & 1:
-                qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, lora["qkv"], meta, dense, layer.wqkv_q, lora_backend, fused)
+                qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, lora["qkv"], meta, dense, layer.wqkv_q, lora_backend, fused, layer.wqkv_p)
             else:
-                qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q)  # [T, (H+2K)*D]
+                qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)  # [T, (H+2K)*D]
             # RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers does.
             qk = qkv[:, : q_size + kv_size].view(T, NQK, D)
             rot = qk.roll(half, -1).mul_(sin)  # [x2, x1] * [-sin, sin] == rotate_half(qk) * sin
@@ -811,22 +843,22 @@ class Transformer:
                         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, enable_gqa=G > 1)
                     attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
             if lmask & 2:
-                o = self._lora_proj(attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q, lora_backend, fused)
+                o = self._lora_proj(attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q, lora_backend, fused, layer.wo_p)
             else:
-                o = _proj(attn, layer.wo_t, layer.wo_c, layer.bo, layer.wo_q)
+                o = _proj(attn, layer.wo_t, layer.wo_c, layer.bo, layer.wo_q, layer.wo_p)
             x = x + o
             # ---- feed-forward (SwiGLU)
             h = _rms_norm(x, layer.ffn_norm, eps, dim)
             if lmask & 4:
-                gu = self._lora_proj(h, layer.w13_t, layer.w13_c, layer.b13, lora["gate_up"], meta, dense, layer.w13_q, lora_backend, fused)
+                gu = self._lora_proj(h, layer.w13_t, layer.w13_c, layer.b13, lora["gate_up"], meta, dense, layer.w13_q, lora_backend, fused, layer.w13_p)
             else:
-                gu = _proj(h, layer.w13_t, layer.w13_c, layer.b13, layer.w13_q)  # [T, 2I]
+                gu = _proj(h, layer.w13_t, layer.w13_c, layer.b13, layer.w13_q, layer.w13_p)  # [T, 2I]
             g, u = gu.view(T, 2, I).unbind(1)
             act = F.silu(g).mul_(u)
             if lmask & 8:
-                d = self._lora_proj(act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q, lora_backend, fused)
+                d = self._lora_proj(act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q, lora_backend, fused, layer.w2_p)
             else:
-                d = _proj(act, layer.w2_t, layer.w2_c, layer.b2, layer.w2_q)
+                d = _proj(act, layer.w2_t, layer.w2_c, layer.b2, layer.w2_q, layer.w2_p)
             x = x + d
 
         if batch.logit_rows.shape[0] != T:
@@ -837,7 +869,8 @@ class Transformer:
     @staticmethod
     def _lora_proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch.Tensor | None,
                    st: LoRAStack, meta: LoRAMeta, dense: tuple[int, int] | None,
-                   w_q: BlockWeight | None = None, backend: str | None = None, fused: Any = None) -> torch.Tensor:
+                   w_q: BlockWeight | None = None, backend: str | None = None, fused: Any = None,
+                   w_p: Any = None) -> torch.Tensor:
         """A projection plus its multi-LoRA delta: ``x @ w_t (+ b)`` + each token's adapter.
 
         Small steps whose active slots span at most ``DENSE_LORA_MAX_SLOTS`` (``dense`` = (lo, k))
@@ -860,7 +893,7 @@ class Transformer:
         if fused is not None and st.rows is not None and w_q is not None and w_q.kind == "q4_1":
             y = w_q.matmul(x, (st.rows, fused))
             return y if b is None else y.add_(b)
-        y = _proj(x, w_t, w_c, b, w_q)
+        y = _proj(x, w_t, w_c, b, w_q, w_p)
         if dense is not None and st.B_dense is not None:
             A_t, B_dense = st.dense_operands(*dense)
             return add_lora_dense(y, torch.mm(x, A_t), B_dense, meta, st.A.shape[1], dense[0])

@@ -171,7 +171,9 @@ def test_large_decode_batch_equals_separate_runs(engine_factory, adapter_factory
     decodes = [Decode(kv, len(ids) - 1, ids[-1], slot) for kv, slot, (_, ids) in zip(kvs, slots, seqs)]
     b = build_step(decodes, [], num_lora_slots=engine.model.num_lora_slots, kv=engine.kv, device=engine.device)
     assert b.decode_mask is not None  # ragged: the mask is exercised
-    assert engine.model.layers[0].wqkv_c is not None  # the chunked projections are exercised
+    # the 10-row projections: oneDNN's packed copies where torch has oneDNN, else column blocks
+    L0 = engine.model.layers[0]
+    assert L0.wqkv_p is not None if torch.backends.mkldnn.is_available() else L0.wqkv_c is not None
     dense_calls = []
     real_dense = M.add_lora_dense
     monkeypatch.setattr(M, "add_lora_dense", lambda *a: dense_calls.append(1) or real_dense(*a))
@@ -198,3 +200,25 @@ def test_chunked_projection_equals_mm():
         x = torch.randn(T, 40, generator=g)
         torch.testing.assert_close(_proj(x, w_t, w_c, None), x @ w_t, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(_proj(x, w_t, w_c, b), torch.addmm(b, x, w_t), rtol=1e-6, atol=1e-5)
+
+
+def test_packed_projection_equals_mm():
+    """``_proj`` on a oneDNN-packed copy (``w_p``) gives what one mm gives, for 1..300 rows, with
+    a bias; from ``PACKED_MIN_ROWS`` rows, or at any row count once the float32 matrix is gone."""
+    from coe.engine import model as M
+    from coe.engine.model import _mkldnn_pack, _proj, chunk_view
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 40, generator=g)
+    b = torch.randn(96, generator=g)
+    w_p = _mkldnn_pack(w)
+    if w_p is None:
+        pytest.skip("torch has no oneDNN linear here")
+    w_t = w.t()
+    w_c = chunk_view(w_t)
+    for T in (1, 2, 3, 16, 300):
+        x = torch.randn(T, 40, generator=g)
+        for wt, wc in ((w_t, w_c), (None, None)):
+            torch.testing.assert_close(_proj(x, wt, wc, None, None, w_p), x @ w_t, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_proj(x, wt, wc, b, None, w_p), torch.addmm(b, x, w_t), rtol=1e-5, atol=1e-5)
+    assert M.PACKED_MIN_ROWS is not None and M.PACKED_MIN_ROWS >= 2  # one row keeps the column blocks

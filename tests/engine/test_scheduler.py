@@ -93,6 +93,13 @@ def test_closing_a_stream_cancels_and_frees_the_slot(engine_factory):
 
 def test_timeout(engine_factory):
     engine = engine_factory()
+    forward = engine.model.forward
+
+    def slow(*args):  # >= 2 ms a step: 200 tokens take > 0.4 s, however fast the machine
+        time.sleep(0.002)
+        return forward(*args)
+
+    engine.model.forward = slow  # an instance attribute: the scheduler calls self.model.forward
     with pytest.raises(RequestTimeout, match="timeout of 0.05 s"):
         engine.generate(PROMPTS[0], max_tokens=200, ignore_eos=True, timeout=0.05)
     assert _wait_idle(engine)["timeouts_total"] == 1

@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M-Instruct GGUF end to end: converted once into the cache, then the
-engine with a random r=16 all-linear adapter agrees with transformers+PEFT (fp32 logits within
-1e-4, 32 greedy tokens identical), and the second load reads the cache instead of converting."""
+engine with a random r=16 all-linear adapter agrees with transformers+PEFT (32 greedy tokens
+identical; prompt logits as close to a float64 PEFT run as PEFT's own float32 ones are), and the
+second load reads the cache instead of converting."""
 
 from __future__ import annotations
 
@@ -50,7 +51,15 @@ def test_smollm2_gguf_matches_transformers_peft(tmp_path, monkeypatch):
                    device=engine.device)
     got = engine.model.forward(b, engine.kv.k, engine.kv.v)[0]
     engine.kv.release(kv)
-    assert (got - want_logits).abs().max() < 1e-4
+    # The engine sums in other orders than PEFT (oneDNN / GGUF-block kernels, C LoRA), so it is
+    # held to PEFT's own float32 accuracy: measured on SmolLM2, both ~3.2e-4 from float64 (the
+    # engine 3.2-3.9e-4 across its prompt paths), and 1.6e-5-3.6e-4 from each other.
+    hf64 = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float64).eval()
+    with torch.no_grad():
+        exact = PeftModel.from_pretrained(hf64, str(adapter)).eval()(torch.tensor([ids])).logits[0, -1]
+    peft_err = (want_logits.double() - exact).abs().max().item()
+    assert (got.double() - exact).abs().max().item() < 2 * peft_err + 1e-5
+    assert (got - want_logits).abs().max() < 1e-3
 
     # Second load: the cached folder is used; transformers' GGUF reader is never called.
     def no_conversion(*a, **k):
@@ -61,3 +70,5 @@ def test_smollm2_gguf_matches_transformers_peft(tmp_path, monkeypatch):
     again = Engine.from_pretrained(None, dtype="float32", device="cpu", max_seq_len=256, max_batch=1)
     assert time.perf_counter() - t0 < 60  # a plain safetensors read (a conversion takes minutes here)
     assert again.generate(messages=msgs, max_tokens=4).completion_tokens >= 1
+    again.shutdown()
+    engine.shutdown()  # their loops end: nothing keeps the two models alive for later tests

@@ -1,5 +1,7 @@
 """Memory: load, use and unload 100 adapters through the admin API of a real server; the process's
-RSS must come back within 5% of its baseline and no slot, registry entry or packed copy may leak.
+RSS must come back within 5% of its baseline (and within a quarter of what keeping the 100 packed
+copies would add, so that a large baseline left by earlier tests in the same process cannot
+hide a leak) and no slot, registry entry or packed copy may leak.
 
 The model is a wider tiny Llama (hidden 256, 4 layers) with rank-64 adapters of about 4 MB
 each, so that leaking the 100 packed copies would be far above the 5% margin (the test checks
@@ -97,8 +99,9 @@ def test_load_unload_100_adapters_leaks_nothing(wide):
         report = {"baseline_mb": round(baseline_mb, 1), "after_mb": round(after_mb, 1), "growth_pct": round(100 * growth, 2),
                   "adapter_mb": round(min(sizes) / 2**20, 2), "leak_if_kept_mb": round(leak_if_kept_mb, 1)}
         print("memory:", json.dumps(report))
-        assert leak_if_kept_mb > 2 * MAX_GROWTH * baseline_mb, f"the test could not see a leak: {report}"
-        assert growth <= MAX_GROWTH, report
+        allowed_mb = min(MAX_GROWTH * baseline_mb, leak_if_kept_mb / 4)
+        assert leak_if_kept_mb > 2 * allowed_mb, f"the test could not see a leak: {report}"
+        assert after_mb - baseline_mb <= allowed_mb, report
         # no slot, registry or packed-copy leak
         assert h.get("/v1/adapters").json()["data"] == adapters0
         assert h.get("/v1/models").json()["data"] == models0
