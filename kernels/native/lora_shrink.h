@@ -152,10 +152,65 @@ static inline void lora_shrink_range(const void *A, long nR, long d_in, const fl
 /* How many shrink tasks a step has (see lora_shrink_range). */
 static inline long lora_shrink_tasks(long nR, const lora_step *sp) { return sp->U * ((nR + SHRINK_ROWS - 1) / SHRINK_ROWS); }
 
+/* The shrink for steps with many tokens on a slot (prompts): tasks of tb tokens (at most
+ * SHRINK_TOKENS, fewer when that leaves a thread idle) of one slot against all nR rows of its
+ * A, tiles of up to 4 tokens (x in L1) against the rows two at a time (A, tens of KB, from L2). The (slot, rows) tasks above would read every token's x
+ * again for each task: for a 512-token prompt, the step's x (1.2-3 MB) ~4-12 times from L3.
+ * The same dots_tile sums, so h is bit for bit the same either way. Measured (2-core AVX-512
+ * EPYC, one slot, 512 tokens, r=16, C LoRA per call over SmolLM2's four projections, median of
+ * 7 x 10 calls): 0.715 ms a layer -> 0.634 (qkv 0.200 -> 0.167, down 0.157 -> 0.128). */
+#define SHRINK_TOKENS 32
+static inline long lora_shrink_token_tasks(const lora_step *sp, long tb)
+{
+    long n = 0;
+    for (long u = 0; u < sp->U; u++) n += (sp->seg_count[u] + tb - 1) / tb;
+    return n;
+}
+
+static inline void lora_shrink_tokens(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
+                                      long task, long tb, int half)
+{
+    const long esize = half ? 2 : 4;
+    long u = 0;
+    for (;; u++) {  /* the task's slot and its block of tokens */
+        const long nb = (sp->seg_count[u] + tb - 1) / tb;
+        if (task < nb) break;
+        task -= nb;
+    }
+    const char *a0 = (const char *)A + (long)sp->seg_slot[u] * nR * d_in * esize;
+    const long q0 = sp->seg_start[u] + task * tb, qe = sp->seg_start[u] + sp->seg_count[u];
+    const long q1 = q0 + tb < qe ? q0 + tb : qe;
+    for (long q = q0; q < q1; q += TT) {
+        const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
+        const float *xs[TT];
+        for (int i = 0; i < nt; i++) xs[i] = x + (long)sp->order[q + i] * ldx;
+        for (long j = 0; j < nR;) {
+            const int nj = nt <= 2 && nR - j >= 4 ? 4 : (nR - j >= 2 ? 2 : 1);
+            const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
+                                a0 + (j + 3) * d_in * esize};
+            float out[4][TT];
+            if (half) dots_half(a, nj, xs, nt, d_in, out); else dots(a, nj, xs, nt, d_in, out);
+            for (int i = 0; i < nt; i++)
+                for (int jj = 0; jj < nj; jj++) sp->h[(long)sp->order[q + i] * nR + j + jj] = out[jj][i];
+            j += nj;
+        }
+    }
+}
+
 /* All of the shrink's tasks as an orphaned `omp for`, to call inside a parallel region (it
- * ends with the loop's barrier, so h is complete when it returns). */
+ * ends with the loop's barrier, so h is complete when it returns): token tasks when a slot
+ * has more than SHRINK_TOKENS tokens, else (slot, rows) tasks. */
 static inline void lora_shrink_for(const float *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp)
 {
+    long most = 0;
+    for (long u = 0; u < sp->U; u++) most = sp->seg_count[u] > most ? sp->seg_count[u] : most;
+    if (most > SHRINK_TOKENS) {
+        long tb = (most + 4 * sp->nthreads - 1) / (4 * sp->nthreads);  /* >= 4 tasks a thread for the largest slot */
+        tb = tb < 8 ? 8 : (tb > SHRINK_TOKENS ? SHRINK_TOKENS : (tb + TT - 1) / TT * TT);
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < lora_shrink_token_tasks(sp, tb); task++) lora_shrink_tokens(A, nR, d_in, x, ldx, sp, task, tb, 0);
+        return;
+    }
 #pragma omp for schedule(static)
     for (long task = 0; task < lora_shrink_tasks(nR, sp); task++) lora_shrink_range(A, nR, d_in, x, ldx, sp, task, task + 1, 0);
 }

@@ -107,6 +107,20 @@ def test_token_order_does_not_change_a_token_result():
     assert torch.equal(alone[0], y[0])
 
 
+@pytest.mark.parametrize("T", [33, 100])
+def test_prompt_sized_slots_give_each_token_its_alone_result(T):
+    """A slot with more than 32 tokens takes the shrink's token tasks (lora_shrink_tokens), a lone
+    token the (slot, rows) tasks: the same sums, so every token's row is bit for bit the same."""
+    slots = torch.cat([torch.zeros(T - 3, dtype=torch.long), torch.tensor([1, -1, 1])])
+    p = _engine_layout(Problem(T, 2, 16, d_in=80, output_slices=(48, 16, 16), slots=slots, seed=T))
+    y = add_lora_packed(p.y.clone(), p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    p.check(y)
+    for t in (0, T // 2, T - 4, T - 1):
+        alone = add_lora_packed(p.y[t:t + 1].clone(), p.x[t:t + 1], p.A, p.B, slots[t:t + 1], p.scale, p.output_slices,
+                                backend="native")
+        assert torch.equal(alone[0], y[t]), t
+
+
 def test_isa_choice_follows_the_cpu_and_coe_native_isa(monkeypatch):
     """``kernels.native.isa``: the best build the CPU runs, ``COE_NATIVE_ISA`` to force one, a
     clear refusal of an unknown value or of AVX-512 on a CPU without it."""
