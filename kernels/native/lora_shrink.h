@@ -15,6 +15,11 @@ typedef struct {            /* one step's tokens grouped by slot (cached per ste
 } lora_step;
 
 #define TT 4                /* tokens per register tile */
+#ifdef __AVX512F__
+#define NJ4_MAX_NT 4        /* 4 rows of A by up to 4 tokens: 16 of the 32 vector registers */
+#else
+#define NJ4_MAX_NT 2        /* 4 rows by 2 tokens: 8 of the 16 */
+#endif
 
 /* Element c of a row of A: float32, or float16 widened exactly (HALF, a compile-time constant
  * after inlining; the engine's fused block kernel keeps a float16 copy of A, see qmatmul.c). */
@@ -93,14 +98,18 @@ static inline __attribute__((always_inline)) void dots_tile(const void *const *a
 
 /* The tile sizes as compile-time constants in each copy, so the accumulators stay in
  * registers (with run-time counts GCC kept them in memory: ~10x slower): nj rows (1, 2 or 4;
- * 4 only with nt <= 2) by nt tokens. */
+ * 4 only with nt <= NJ4_MAX_NT) by nt tokens. */
 static inline __attribute__((always_inline)) void dots_t(const void *const *a, int nj, const float *const *xs, int nt, long k,
                                                          float out[][TT], const int HALF) {
 #define DOTS_NT(NJ) switch (nt) { \
     case 4: dots_tile(a, xs, k, out, NJ, 4, HALF); break; case 3: dots_tile(a, xs, k, out, NJ, 3, HALF); break; \
     case 2: dots_tile(a, xs, k, out, NJ, 2, HALF); break; default: dots_tile(a, xs, k, out, NJ, 1, HALF); break; }
     if (nj == 4) {
+#ifdef __AVX512F__
+        DOTS_NT(4)
+#else
         if (nt == 2) dots_tile(a, xs, k, out, 4, 2, HALF); else dots_tile(a, xs, k, out, 4, 1, HALF);
+#endif
     } else if (nj == 2) { DOTS_NT(2) } else { DOTS_NT(1) }
 #undef DOTS_NT
 }
@@ -117,7 +126,8 @@ static void dots_half(const void *const *a, int nj, const float *const *xs, int 
 
 /* h[t, j] = A[slot(t), j, :] . x[t] for the shrink's tasks k0..k1 of this thread, a task being
  * (active slot u, SHRINK_ROWS rows of A from jq): task = u * ceil(nR / SHRINK_ROWS) + jq. Groups
- * of up to 4 tokens take the rows two at a time, groups of 1-2 all four at once. A is float32,
+ * of up to 4 tokens take the rows two at a time, groups of 1-2 all four at once (with AVX-512,
+ * every group takes all four). A is float32,
  * or float16 when ``half`` (then every product uses A's value widened exactly). */
 static inline void lora_shrink_range(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
                                      long k0, long k1, int half)
@@ -136,7 +146,7 @@ static inline void lora_shrink_range(const void *A, long nR, long d_in, const fl
             const float *xs[TT];
             for (int i = 0; i < nt; i++) xs[i] = x + (long)order[q + i] * ldx;
             for (long j = 0; j < rows;) {
-                const int nj = nt <= 2 && rows - j == 4 ? 4 : (rows - j >= 2 ? 2 : 1);
+                const int nj = nt <= NJ4_MAX_NT && rows - j == 4 ? 4 : (rows - j >= 2 ? 2 : 1);
                 const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
                                     a0 + (j + 3) * d_in * esize};
                 float out[4][TT];
@@ -185,7 +195,7 @@ static inline void lora_shrink_tokens(const void *A, long nR, long d_in, const f
         const float *xs[TT];
         for (int i = 0; i < nt; i++) xs[i] = x + (long)sp->order[q + i] * ldx;
         for (long j = 0; j < nR;) {
-            const int nj = nt <= 2 && nR - j >= 4 ? 4 : (nR - j >= 2 ? 2 : 1);
+            const int nj = nt <= NJ4_MAX_NT && nR - j >= 4 ? 4 : (nR - j >= 2 ? 2 : 1);
             const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
                                 a0 + (j + 3) * d_in * esize};
             float out[4][TT];

@@ -15,7 +15,11 @@
  * Measured on a 2-core AVX-512 EPYC (COE_NATIVE_ISA=avx2 vs avx512, python -m coe.engine.bench
  * --kernel --rounds 20, 120 calls of SmolLM2's shapes on 16 rows, two runs each): base 24.6 / 24.3
  * ms -> 17.7 / 17.1; one adapter 25.5 / 23.2 -> 17.5 / 16.6; eight adapters 24.3 / 24.1 -> 18.3 /
- * 17.5. COE_NATIVE_ISA=avx2 builds the AVX2 paths on any CPU.
+ * 17.5. COE_NATIVE_ISA=avx2 builds the AVX2 paths on any CPU. With 32 vector registers the
+ * AVX-512 build also takes wider LoRA tiles: the expand 4 tokens x 4 pairs of blocks
+ * (EXPAND_BLOCKS 8), the shrink 4 rows of A x 4 tokens (NJ4_MAX_NT). Real 16-row decode steps,
+ * both builds in one process, 60 paired rounds, two runs: one adapter +0.99 / +0.96 ms over the
+ * base -> +0.89 / +0.89; eight adapters +2.71 / +2.63 -> +2.52 / +2.50 (same sums per output).
  *
  * Exactness: the GGUF dequantizer that built the float32 checkpoint forms each weight as
  * fl(fl(q * d) + m). Here a Q4_1 weight is fma(q, d, m) = fl(q * d + m), the same value: d is a
@@ -114,12 +118,37 @@ static inline __attribute__((always_inline)) void q41_row(
 
 #ifdef __AVX512F__
 /* The same with 16-float vectors (built where the CPU has AVX-512, see kernels.native): two
- * weight vectors a block, and blocks taken in pairs so that a row's NA accumulators (1, 2 or 4)
- * are compile-time indices: block 2i feeds acc 0 and 1, block 2i+1 acc 2 and 3 (mod NA). A
- * row's sum still does not depend on the other rows of the tile, only on MT (as above). */
-static inline __attribute__((always_inline)) void q41_row16(
-    const uint8_t *qs, const float *dm, const float *x, long ldx, float *y, long ldy,
-    long n, long nb, const int MT)
+ * weight vectors a block (Q4_1 when KIND is 0, Q8_0 when 1: a compile-time constant after
+ * inlining), and blocks taken in pairs so that a row's NA accumulators (1, 2 or 4) are
+ * compile-time indices: block 2i feeds acc 0 and 1, block 2i+1 acc 2 and 3 (mod NA). A row's
+ * sum still does not depend on the other rows of the tile, only on MT (as above). */
+static inline __attribute__((always_inline)) void block16(const void *qs, const float *sc, long b, const float *x, long ldx,
+                                                          __m512 acc[][4], const int MT, const int NA, const int A0,
+                                                          const int A1, const int KIND)
+{
+    __m512 w0, w1;
+    if (KIND == 0) {  /* Q4_1: d * q + m, low nibbles elements 0-15, high nibbles 16-31 */
+        const __m512 d = _mm512_set1_ps(sc[2 * b]), m = _mm512_set1_ps(sc[2 * b + 1]);
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)qs + 16 * b));
+        w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))), d, m);
+        w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask))), d, m);
+    } else {  /* Q8_0: d * q */
+        const __m512 d = _mm512_set1_ps(sc[b]);
+        const int8_t *q = (const int8_t *)qs + QK * b;
+        w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), d);
+        w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), d);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; r++) {
+        const float *xr = x + r * ldx + QK * b;
+        acc[r][A0 % NA] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][A0 % NA]);
+        acc[r][A1 % NA] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][A1 % NA]);
+    }
+}
+
+static inline __attribute__((always_inline)) void row16(const void *qs, const float *sc, const float *x, long ldx, float *y,
+                                                        long ldy, long n, long nb, const int MT, const int KIND)
 {
     const int NA = MT <= 2 ? 4 : (MT <= 8 ? 2 : 1);
     __m512 acc[MAX_ROWS][4];
@@ -127,24 +156,12 @@ static inline __attribute__((always_inline)) void q41_row16(
     for (int r = 0; r < MT; r++)
 #pragma GCC unroll 4
         for (int a = 0; a < NA; a++) acc[r][a] = _mm512_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0F);
     long b = 0;
-#define Q41_BLOCK16(B, A0, A1) do { \
-        const __m512 d = _mm512_set1_ps(dm[2 * (B)]), m = _mm512_set1_ps(dm[2 * (B) + 1]); \
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + 16 * (B))); \
-        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))), d, m); \
-        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask))), d, m); \
-        _Pragma("GCC unroll 8") for (int r = 0; r < MT; r++) { \
-            const float *xr = x + r * ldx + QK * (B); \
-            acc[r][(A0) % NA] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][(A0) % NA]); \
-            acc[r][(A1) % NA] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][(A1) % NA]); \
-        } } while (0)
     for (; b + 2 <= nb; b += 2) {
-        Q41_BLOCK16(b, 0, 1);
-        Q41_BLOCK16(b + 1, 2, 3);
+        block16(qs, sc, b, x, ldx, acc, MT, NA, 0, 1, KIND);
+        block16(qs, sc, b + 1, x, ldx, acc, MT, NA, 2, 3, KIND);
     }
-    if (b < nb) Q41_BLOCK16(b, 0, 1);
-#undef Q41_BLOCK16
+    if (b < nb) block16(qs, sc, b, x, ldx, acc, MT, NA, 0, 1, KIND);
 #pragma GCC unroll 8
     for (int r = 0; r < MT; r++) {
         __m512 a = acc[r][0];
@@ -152,6 +169,18 @@ static inline __attribute__((always_inline)) void q41_row16(
         if (NA > 2) a = _mm512_add_ps(a, _mm512_add_ps(acc[r][2], acc[r][3]));
         y[r * ldy + n] = _mm512_reduce_add_ps(a);
     }
+}
+
+static inline __attribute__((always_inline)) void q41_row16(const uint8_t *qs, const float *dm, const float *x, long ldx,
+                                                            float *y, long ldy, long n, long nb, const int MT)
+{
+    row16(qs, dm, x, ldx, y, ldy, n, nb, MT, 0);
+}
+
+static inline __attribute__((always_inline)) void q80_row16(const int8_t *qs, const float *dd, const float *x, long ldx,
+                                                            float *y, long ldy, long n, long nb, const int MT)
+{
+    row16(qs, dd, x, ldx, y, ldy, n, nb, MT, 1);
 }
 #define Q41_ROW q41_row16
 #else
@@ -180,42 +209,6 @@ static inline __attribute__((always_inline)) void q80_row(
 }
 
 #ifdef __AVX512F__
-/* q80_row with 16-float vectors, blocks in pairs as in q41_row16. */
-static inline __attribute__((always_inline)) void q80_row16(
-    const int8_t *qs, const float *dd, const float *x, long ldx, float *y, long ldy,
-    long n, long nb, const int MT)
-{
-    const int NA = MT <= 2 ? 4 : (MT <= 8 ? 2 : 1);
-    __m512 acc[MAX_ROWS][4];
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; r++)
-#pragma GCC unroll 4
-        for (int a = 0; a < NA; a++) acc[r][a] = _mm512_setzero_ps();
-    long b = 0;
-#define Q80_BLOCK16(B, A0, A1) do { \
-        const __m512 d = _mm512_set1_ps(dd[B]); \
-        const int8_t *q = qs + QK * (B); \
-        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), d); \
-        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), d); \
-        _Pragma("GCC unroll 8") for (int r = 0; r < MT; r++) { \
-            const float *xr = x + r * ldx + QK * (B); \
-            acc[r][(A0) % NA] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][(A0) % NA]); \
-            acc[r][(A1) % NA] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][(A1) % NA]); \
-        } } while (0)
-    for (; b + 2 <= nb; b += 2) {
-        Q80_BLOCK16(b, 0, 1);
-        Q80_BLOCK16(b + 1, 2, 3);
-    }
-    if (b < nb) Q80_BLOCK16(b, 0, 1);
-#undef Q80_BLOCK16
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; r++) {
-        __m512 a = acc[r][0];
-        if (NA > 1) a = _mm512_add_ps(a, acc[r][1]);
-        if (NA > 2) a = _mm512_add_ps(a, _mm512_add_ps(acc[r][2], acc[r][3]));
-        y[r * ldy + n] = _mm512_reduce_add_ps(a);
-    }
-}
 #define Q80_ROW q80_row16
 #else
 #define Q80_ROW q80_row
@@ -277,11 +270,11 @@ static inline __attribute__((always_inline)) void expand_tile(const uint16_t *co
 static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *const *panel, const float *const *ht, long R,
                                                                 float *const *yt, const int NT, const int NP)
 {
-    __m512 acc[TT][2];
+    __m512 acc[TT][4];
     for (int g = 0; g < NT; g++)
         for (int p = 0; p < NP; p++) acc[g][p] = _mm512_setzero_ps();
     for (long r = 0; r < R; r++) {
-        __m512 bv[2];
+        __m512 bv[4];
         for (int p = 0; p < NP; p++) {
             const __m128i lo = _mm_loadu_si128((const __m128i *)(panel[2 * p] + r * NBLK));
             const __m128i hi = _mm_loadu_si128((const __m128i *)(panel[2 * p + 1] + r * NBLK));
@@ -299,8 +292,13 @@ static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *
 #endif
 
 /* The LoRA delta of every row with a slot, added to y[:, 8 blk : 8 (blk + nblk)] for nblk (at
- * most 4) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4 blocks (with
- * AVX-512: up to 4 tokens x 2 pairs of blocks). */
+ * most EXPAND_BLOCKS) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4
+ * blocks (with AVX-512: up to 4 tokens x 4 pairs of blocks). */
+#ifdef __AVX512F__
+#define EXPAND_BLOCKS 8
+#else
+#define EXPAND_BLOCKS 4
+#endif
 static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, long nR, long N, long blk, int nblk,
                                       long i, float *y, long ldy)
 {
@@ -318,16 +316,17 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
             }
             int c = 0;
 #ifdef __AVX512F__
-            while (nblk - c >= 2) {  /* pairs of blocks: 2 pairs, then 1 */
-                const int np = nblk - c >= 4 ? 2 : 1;
-                const uint16_t *pc[4];
-                for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
+            while (nblk - c >= 2) {  /* pairs of blocks, up to 4 at a time */
+                const int np = (nblk - c) / 2 < 4 ? (nblk - c) / 2 : 4;
+                const uint16_t *pc[8];
+                for (int k = 0; k < 8; k++) pc[k] = panel + (c + k) * R * NBLK;
                 float *yc[TT];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
 #define EXPAND16_NT(NP) switch (nt) { \
                 case 4: expand_tile16(pc, ht, R, yc, 4, NP); break; case 3: expand_tile16(pc, ht, R, yc, 3, NP); break; \
                 case 2: expand_tile16(pc, ht, R, yc, 2, NP); break; default: expand_tile16(pc, ht, R, yc, 1, NP); break; }
-                if (np == 2) { EXPAND16_NT(2) } else { EXPAND16_NT(1) }
+                if (np == 4) { EXPAND16_NT(4) } else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) }
+                else { EXPAND16_NT(1) }
 #undef EXPAND16_NT
                 c += 2 * np;
             }
@@ -395,7 +394,7 @@ static inline void pf_some(pf_list *l, long lines, int l1)
  *      once per step), prefetching the A rows and B panels it needs next;
  *   2. shrink tasks h = A x (SHRINK_ROWS rows of A of one active slot each), taken from a shared
  *      counter until none is left; a barrier (h complete);
- *   3. the expand of its blocks (up to four at a time), added to y after the base sum (a zero B adds exactly nothing).
+ *   3. the expand of its blocks (up to EXPAND_BLOCKS at a time), added to y after the base sum (a zero B adds exactly nothing).
  * A row's LoRA delta does not depend on which rows share the call (the same alone), and a
  * shrink task's result does not depend on the thread that takes it. The base dot product's
  * number of partial sums does depend on the row tile's size (NA in q41_row), so a row's base
@@ -467,9 +466,9 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             long i = 0;
             for (long blk = b0; blk < b1;) {
                 while (blk * NBLK >= lr->bounds[i + 1]) i++;
-                long end = lr->bounds[i + 1] / NBLK;  /* up to 4 blocks, within the slice */
+                long end = lr->bounds[i + 1] / NBLK;  /* up to EXPAND_BLOCKS blocks, within the slice */
                 if (end > b1) end = b1;
-                const int nblk4 = end - blk < 4 ? (int)(end - blk) : 4;
+                const int nblk4 = end - blk < EXPAND_BLOCKS ? (int)(end - blk) : EXPAND_BLOCKS;
                 lora_expand_blocks(lr, sp, nR, N, blk, nblk4, i, y, ldy);
                 blk += nblk4;
             }
