@@ -61,7 +61,7 @@ def isa() -> str:
 
 
 def build_flags() -> tuple[str, ...]:
-    """The compiler flags of :func:`isa`'s build."""
+    """The compiler flags of :func:`isa`'s build (what :func:`load` compiles with)."""
     return CFLAGS + (AVX512_FLAGS if isa() == "avx512" else ())
 
 
@@ -87,11 +87,12 @@ def load(src: Path, setup: Callable[[ctypes.CDLL], bool], include: tuple[Path, .
     if not {"avx2", "fma", "f16c"} <= cpu_flags():
         return no("the CPU lacks AVX2/FMA/F16C (or /proc/cpuinfo is unreadable)")
     try:
-        base = build_flags()
+        chosen = isa()
     except ValueError as exc:
         return no(str(exc))
-    if isa() == "avx512" and not AVX512_CPU <= cpu_flags():
+    if chosen == "avx512" and not AVX512_CPU <= cpu_flags():
         return no("COE_NATIVE_ISA=avx512, but the CPU lacks AVX-512 F/BW/VL/DQ; unset it or set it to avx2")
+    base = CFLAGS + (AVX512_FLAGS if chosen == "avx512" else ())
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         return no(f"no C compiler (gcc, cc or $CC) to build {src.name}")

@@ -46,8 +46,6 @@ static inline __attribute__((always_inline)) __m512 a_load16(const void *a, long
                 : _mm512_loadu_ps((const float *)a + c);
 }
 
-static inline __attribute__((always_inline)) float a_at(const void *a, long c, const int HALF);
-
 static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
                                                             float out[][TT], const int NJ, const int NT, const int HALF) {
     __m512 acc[4][TT];
@@ -124,38 +122,44 @@ static void dots_half(const void *const *a, int nj, const float *const *xs, int 
 
 #define SHRINK_ROWS 4       /* rows of A per shrink task */
 
-/* h[t, j] = A[slot(t), j, :] . x[t] for the shrink's tasks k0..k1 of this thread, a task being
- * (active slot u, SHRINK_ROWS rows of A from jq): task = u * ceil(nR / SHRINK_ROWS) + jq. Groups
- * of up to 4 tokens take the rows two at a time, groups of 1-2 all four at once (with AVX-512,
- * every group takes all four). A is float32,
- * or float16 when ``half`` (then every product uses A's value widened exactly). */
+/* h[t, j0 + j] = A rows j0.. of one slot (a0 points at row j0) . x[t] for rows j < rows and the
+ * tokens order[q0..q1): tiles of up to 4 tokens, against the rows two at a time, or four at
+ * once for tiles of up to NJ4_MAX_NT tokens. A is float32, or float16 when ``half`` (then every
+ * product uses A's value widened exactly). */
+static inline __attribute__((always_inline)) void shrink_block(const char *a0, long j0, long rows, long nR, long d_in,
+                                                              const float *x, long ldx,
+                                                              const lora_step *sp, long q0, long q1, int half)
+{
+    const long esize = half ? 2 : 4;
+    for (long q = q0; q < q1; q += TT) {
+        const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
+        const float *xs[TT];
+        for (int i = 0; i < nt; i++) xs[i] = x + (long)sp->order[q + i] * ldx;
+        for (long j = 0; j < rows;) {
+            const int nj = nt <= NJ4_MAX_NT && rows - j >= 4 ? 4 : (rows - j >= 2 ? 2 : 1);
+            const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
+                                a0 + (j + 3) * d_in * esize};
+            float out[4][TT];
+            if (half) dots_half(a, nj, xs, nt, d_in, out); else dots(a, nj, xs, nt, d_in, out);
+            for (int i = 0; i < nt; i++)
+                for (int jj = 0; jj < nj; jj++) sp->h[(long)sp->order[q + i] * nR + j0 + j + jj] = out[jj][i];
+            j += nj;
+        }
+    }
+}
+
+/* The shrink's tasks k0..k1 of this thread, a task being (active slot u, SHRINK_ROWS rows of A
+ * from jq) against all of u's tokens: task = u * ceil(nR / SHRINK_ROWS) + jq. */
 static inline void lora_shrink_range(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
                                      long k0, long k1, int half)
 {
     const long esize = half ? 2 : 4;
-    const int32_t *order = sp->order, *seg_slot = sp->seg_slot, *seg_start = sp->seg_start, *seg_count = sp->seg_count;
-    float *h = sp->h;
     const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
     for (long task = k0; task < k1; task++) {
         const long u = task / np, j0 = SHRINK_ROWS * (task % np);
         const long rows = nR - j0 < SHRINK_ROWS ? nR - j0 : SHRINK_ROWS;
-        const char *a0 = (const char *)A + ((long)seg_slot[u] * nR + j0) * d_in * esize;
-        const long q0 = seg_start[u], q1 = q0 + seg_count[u];
-        for (long q = q0; q < q1; q += TT) {
-            const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
-            const float *xs[TT];
-            for (int i = 0; i < nt; i++) xs[i] = x + (long)order[q + i] * ldx;
-            for (long j = 0; j < rows;) {
-                const int nj = nt <= NJ4_MAX_NT && rows - j == 4 ? 4 : (rows - j >= 2 ? 2 : 1);
-                const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
-                                    a0 + (j + 3) * d_in * esize};
-                float out[4][TT];
-                if (half) dots_half(a, nj, xs, nt, d_in, out); else dots(a, nj, xs, nt, d_in, out);
-                for (int i = 0; i < nt; i++)
-                    for (int jj = 0; jj < nj; jj++) h[(long)order[q + i] * nR + j0 + j + jj] = out[jj][i];
-                j += nj;
-            }
-        }
+        const char *a0 = (const char *)A + ((long)sp->seg_slot[u] * nR + j0) * d_in * esize;
+        shrink_block(a0, j0, rows, nR, d_in, x, ldx, sp, sp->seg_start[u], sp->seg_start[u] + sp->seg_count[u], half);
     }
 }
 
@@ -164,8 +168,9 @@ static inline long lora_shrink_tasks(long nR, const lora_step *sp) { return sp->
 
 /* The shrink for steps with many tokens on a slot (prompts): tasks of tb tokens (at most
  * SHRINK_TOKENS, fewer when that leaves a thread idle) of one slot against all nR rows of its
- * A, tiles of up to 4 tokens (x in L1) against the rows two at a time (A, tens of KB, from L2). The (slot, rows) tasks above would read every token's x
- * again for each task: for a 512-token prompt, the step's x (1.2-3 MB) ~4-12 times from L3.
+ * A, tiles of up to 4 tokens (x in L1) against the rows (A, tens of KB, from L2). The (slot,
+ * rows) tasks above would read every token's x again for each task: for a 512-token prompt, the
+ * step's x (1.2-3 MB) ~4-12 times from L3.
  * The same dots_tile sums, so h is bit for bit the same either way. Measured (2-core AVX-512
  * EPYC, one slot, 512 tokens, r=16, C LoRA per call over SmolLM2's four projections, median of
  * 7 x 10 calls): 0.715 ms a layer -> 0.634 (qkv 0.200 -> 0.167, down 0.157 -> 0.128). */
@@ -180,31 +185,15 @@ static inline long lora_shrink_token_tasks(const lora_step *sp, long tb)
 static inline void lora_shrink_tokens(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
                                       long task, long tb, int half)
 {
-    const long esize = half ? 2 : 4;
     long u = 0;
     for (;; u++) {  /* the task's slot and its block of tokens */
         const long nb = (sp->seg_count[u] + tb - 1) / tb;
         if (task < nb) break;
         task -= nb;
     }
-    const char *a0 = (const char *)A + (long)sp->seg_slot[u] * nR * d_in * esize;
+    const char *a0 = (const char *)A + (long)sp->seg_slot[u] * nR * d_in * (half ? 2 : 4);
     const long q0 = sp->seg_start[u] + task * tb, qe = sp->seg_start[u] + sp->seg_count[u];
-    const long q1 = q0 + tb < qe ? q0 + tb : qe;
-    for (long q = q0; q < q1; q += TT) {
-        const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
-        const float *xs[TT];
-        for (int i = 0; i < nt; i++) xs[i] = x + (long)sp->order[q + i] * ldx;
-        for (long j = 0; j < nR;) {
-            const int nj = nt <= NJ4_MAX_NT && nR - j >= 4 ? 4 : (nR - j >= 2 ? 2 : 1);
-            const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
-                                a0 + (j + 3) * d_in * esize};
-            float out[4][TT];
-            if (half) dots_half(a, nj, xs, nt, d_in, out); else dots(a, nj, xs, nt, d_in, out);
-            for (int i = 0; i < nt; i++)
-                for (int jj = 0; jj < nj; jj++) sp->h[(long)sp->order[q + i] * nR + j + jj] = out[jj][i];
-            j += nj;
-        }
-    }
+    shrink_block(a0, 0, nR, nR, d_in, x, ldx, sp, q0, q0 + tb < qe ? q0 + tb : qe, half);
 }
 
 /* All of the shrink's tasks as an orphaned `omp for`, to call inside a parallel region (it
