@@ -39,6 +39,17 @@ def test_scales(scale):
     p.check(y)
 
 
+@pytest.mark.parametrize("T", [3, 40])
+def test_one_slot_expand_ranges_cross_slices(T):
+    """One active slot: the expand's column ranges (one per thread) cut across slices, each part
+    with its own slice's h and scale."""
+    slots = torch.full((T,), 2)
+    p = _engine_layout(Problem(T, 4, 8, d_in=96, output_slices=(77, 13, 30), slots=slots, scale="slice", seed=T))
+    y = p.y.clone()
+    add_lora_packed(y, p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    p.check(y)
+
+
 def test_single_projection_and_strided_views():
     slots = torch.tensor([1, -1, 0, 1])
     p = _engine_layout(Problem(4, 2, 16, d_in=64, output_slices=(40,), slots=slots, seed=2))
