@@ -39,7 +39,7 @@ SINGLE_SLOT_MAX_TOKENS = 768
 MAX_RANK = 64  # the kernel keeps a few tokens' r scaled shrink values on the stack
 MAX_SLICES = 8
 _SRC = Path(__file__).with_name("native") / "lora.c"
-_ABI = 3
+_ABI = 4
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -58,6 +58,9 @@ def _setup(lib: ctypes.CDLL) -> bool:
         return False
     lib.coe_lora_add.argtypes = [_P, _P, _P, ctypes.c_long, _P, ctypes.c_long]
     lib.coe_lora_add.restype = None
+    _L = ctypes.c_long
+    lib.coe_swiglu_lora.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _P, _L, ctypes.c_int]
+    lib.coe_swiglu_lora.restype = None
     return True
 
 
@@ -145,6 +148,36 @@ def covers(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m
            scale: float | torch.Tensor, output_slices: tuple[int, ...]) -> bool:
     """Whether this call runs in C (else it goes to the torch backend)."""
     return _stack(A, B, scale, tuple(output_slices))[0] is not None and library() is not None and _step_fits(y, x, meta)
+
+
+def swiglu(gu: torch.Tensor, lora: tuple | None = None) -> torch.Tensor:
+    """SwiGLU of a stacked gate/up output: ``silu(g) * u`` for ``g, u = gu[:, :I], gu[:, I:]``
+    ([T, 2I] float32 on the CPU, unit column stride) -> a new [T, I]; with ``lora`` = (x, A, B,
+    meta, scale), the gate/up projection's input and LoRA stack (two slices of I, as
+    :func:`add_lora_packed` takes them), each token's gate/up LoRA delta is added to g and u
+    inside the same pass (``coe_swiglu_lora`` in ``native/lora.c``): the result is what
+    ``add_lora_packed`` then the activation give, without writing the deltas into ``gu`` and
+    reading it again. The caller checks :func:`library` and, with a LoRA, :func:`covers` (with
+    ``output_slices`` (I, I)).
+
+    Why in C: the activation is two passes over memory in torch (``silu`` then ``mul_``), the
+    LoRA's expand a third; measured on the 2-core AVX-512 EPYC (SmolLM2's I = 1536, 30 distinct
+    inputs, median of 15): 512 tokens 0.31 -> 0.23 ms without a LoRA, 0.83 -> 0.42 ms with one
+    (``add_lora_packed`` + ``silu`` + ``mul_``); 76 tokens 0.034 -> 0.022, 0.135 -> 0.077.
+    """
+    lib = library()
+    T, I2 = gu.shape
+    I = I2 // 2
+    act = torch.empty(T, I, dtype=gu.dtype)
+    if lora is None:
+        lib.coe_swiglu_lora(gu.data_ptr(), gu.stride(0), T, I, act.data_ptr(), I, None, None, None, 0,
+                            torch.get_num_threads())
+        return act
+    x, A, B, meta, scale = lora
+    _, ref, _ = _stack(A, B, scale, (I, I))
+    lib.coe_swiglu_lora(gu.data_ptr(), gu.stride(0), T, I, act.data_ptr(), I, ref, step_descriptor(meta, A.shape[1]),
+                        x.data_ptr(), x.stride(0), torch.get_num_threads())
+    return act
 
 
 def add_lora(y, x, A, B, meta, scale) -> torch.Tensor:

@@ -155,3 +155,54 @@ def test_isa_choice_follows_the_cpu_and_coe_native_isa(monkeypatch):
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     assert native.load(src, lambda lib: True) is None
     assert "lacks AVX-512" in native.unavailable_reason(src) and "avx2" in native.unavailable_reason(src)
+
+
+def _swiglu64(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.double().chunk(2, dim=1)
+    return g * torch.sigmoid(g) * u
+
+
+@pytest.mark.parametrize("T", [1, 5, 16, 77])
+@pytest.mark.parametrize("I", [8, 37, 96])
+def test_swiglu_matches_float64_as_closely_as_torch(T, I):
+    g = torch.Generator().manual_seed(T * 100 + I)
+    gu = torch.randn(T, 2 * I, generator=g) * 4
+    gu[0, :2] = torch.tensor([-120.0, 95.0])  # exp's clamps: silu -> -0, silu -> g
+    got = native_ops.swiglu(gu)
+    want = _swiglu64(gu)
+    ours = (got.double() - want).abs().max().item()
+    gt, ut = gu.chunk(2, dim=1)
+    theirs = (torch.nn.functional.silu(gt) * ut).double().sub(want).abs().max().item()
+    assert ours <= 2 * theirs + 1e-30, (ours, theirs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 4, 9, 40])
+@pytest.mark.parametrize("pattern", ["one", "all_same", "many", "skewed"])
+@pytest.mark.parametrize("scale", ["float", "slice"])
+def test_swiglu_with_gate_up_lora(T, pattern, scale):
+    I = 72
+    slots = slot_pattern(pattern, T, 5, seed=T)
+    p = _engine_layout(Problem(T, 5, 16, d_in=64, output_slices=(I, I), slots=slots, scale=scale, seed=T))
+    meta = LoRAMeta.build(slots, 5)
+    assert native_ops.covers(p.y, p.x, p.A, p.B, meta, p.scale, p.output_slices)
+    gu = p.y.clone()
+    got = native_ops.swiglu(gu, (p.x, p.A, p.B, meta, p.scale))
+    assert torch.equal(gu, p.y), "the input was modified"
+    torch.testing.assert_close(got.double(), _swiglu64(p.expected()), rtol=1e-5, atol=1e-5)
+    # the same deltas as add_lora_packed's (summed alike), so the same act as add + activation
+    added = p.y.clone()
+    add_lora_packed(added, p.x, p.A, p.B, meta, p.scale, p.output_slices, backend="native")
+    assert torch.equal(got, native_ops.swiglu(added))
+
+
+def test_swiglu_token_result_does_not_depend_on_the_batch():
+    I = 48
+    slots = torch.tensor([2, 2, -1, 0, 2, 2, 2, 0, -1])
+    p = _engine_layout(Problem(9, 3, 8, d_in=32, output_slices=(I, I), slots=slots, seed=4))
+    meta = LoRAMeta.build(slots, 3)
+    full = native_ops.swiglu(p.y, (p.x, p.A, p.B, meta, p.scale))
+    for t in range(9):
+        one = LoRAMeta.build(slots[t : t + 1], 3)
+        alone = native_ops.swiglu(p.y[t : t + 1].clone(), (p.x[t : t + 1].clone(), p.A, p.B, one, p.scale))
+        assert torch.equal(alone[0], full[t]), t
