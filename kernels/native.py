@@ -49,6 +49,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def avx512_cpu() -> bool:
+    """Whether this CPU runs the AVX-512 build (F/BW/VL/DQ)."""
+    return AVX512_CPU <= cpu_flags()
+
+
+def _flags(chosen: str) -> tuple[str, ...]:
+    return CFLAGS + (AVX512_FLAGS if chosen == "avx512" else ())
+
+
 def isa() -> str:
     """The instruction set the kernels are built for: ``avx512`` where the CPU has AVX-512
     (F/BW/VL/DQ), else ``avx2``. ``COE_NATIVE_ISA=avx2`` forces the AVX2 build on any CPU (to
@@ -57,12 +66,12 @@ def isa() -> str:
     want = os.environ.get("COE_NATIVE_ISA", "").strip().lower()
     if want and want not in ISAS:
         raise ValueError(f"COE_NATIVE_ISA={want!r}: expected one of {', '.join(ISAS)} (or unset for the best the CPU has)")
-    return want or ("avx512" if AVX512_CPU <= cpu_flags() else "avx2")
+    return want or ("avx512" if avx512_cpu() else "avx2")
 
 
 def build_flags() -> tuple[str, ...]:
     """The compiler flags of :func:`isa`'s build (what :func:`load` compiles with)."""
-    return CFLAGS + (AVX512_FLAGS if isa() == "avx512" else ())
+    return _flags(isa())
 
 
 def disabled() -> bool:
@@ -90,9 +99,9 @@ def load(src: Path, setup: Callable[[ctypes.CDLL], bool], include: tuple[Path, .
         chosen = isa()
     except ValueError as exc:
         return no(str(exc))
-    if chosen == "avx512" and not AVX512_CPU <= cpu_flags():
+    if chosen == "avx512" and not avx512_cpu():
         return no("COE_NATIVE_ISA=avx512, but the CPU lacks AVX-512 F/BW/VL/DQ; unset it or set it to avx2")
-    base = CFLAGS + (AVX512_FLAGS if chosen == "avx512" else ())
+    base = _flags(chosen)
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         return no(f"no C compiler (gcc, cc or $CC) to build {src.name}")

@@ -239,7 +239,7 @@ def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Pa
     twice, rather than reporting no ratio.
     """
     new_tokens = max(new_tokens, 64)
-    for attempt in range(3):
+    for _ in range(3):
         arrivals: list[list[float]] = [[] for _ in prompts]
         streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, names)]
 

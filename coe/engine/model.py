@@ -860,15 +860,9 @@ class Transformer:
             x = x + o
             # ---- feed-forward (SwiGLU)
             h = _rms_norm(x, layer.ffn_norm, eps, dim)
-            if (lmask & 4 and swiglu_lora and lora["gate_up"].output_slices == (I, I)
-                    and not self._fuses(lora["gate_up"], layer.w13_q, fused)):
-                # gate/up's LoRA inside the activation (see native_ops.swiglu)
-                st = lora["gate_up"]
+            if lmask & 4 and swiglu_lora and not self._fuses(lora["gate_up"], layer.w13_q, fused):
                 gu = _proj(h, layer.w13_t, layer.w13_c, layer.b13, layer.w13_q, layer.w13_p)
-                if native_ops.covers(gu, h, st.A, st.B, meta, st.kernel_scale, st.output_slices):
-                    act = native_ops.swiglu(gu, (h, st.A, st.B, meta, st.kernel_scale))
-                else:
-                    act = native_ops.swiglu(add_lora_packed(gu, h, st.A, st.B, meta, st.kernel_scale, st.output_slices))
+                act = self._swiglu_lora(gu, h, lora["gate_up"], meta)
             else:
                 if lmask & 4:
                     gu = self._lora_proj(h, layer.w13_t, layer.w13_c, layer.b13, lora["gate_up"], meta, dense, layer.w13_q, lora_backend, fused, layer.w13_p)
@@ -889,6 +883,16 @@ class Transformer:
             x = x.index_select(0, batch.logit_rows)
         x = _rms_norm(x, self.norm, eps, dim)
         return self.head.logits(x).float()
+
+    @staticmethod
+    def _swiglu_lora(gu: torch.Tensor, h: torch.Tensor, st: LoRAStack, meta: LoRAMeta) -> torch.Tensor:
+        """The activation of the base gate/up output ``gu`` with gate/up's LoRA (input ``h``):
+        added inside the C activation (``native_ops.swiglu``) where kernels' C backend covers
+        the call and the stack is two slices of I, else added to ``gu`` first."""
+        I = gu.shape[1] // 2
+        if st.output_slices == (I, I) and native_ops.covers(gu, h, st.A, st.B, meta, st.kernel_scale, st.output_slices):
+            return native_ops.swiglu(gu, (h, st.A, st.B, meta, st.kernel_scale))
+        return native_ops.swiglu(add_lora_packed(gu, h, st.A, st.B, meta, st.kernel_scale, st.output_slices))
 
     @staticmethod
     def _fuses(st: LoRAStack, w_q: BlockWeight | None, fused: Any) -> bool:

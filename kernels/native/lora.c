@@ -100,6 +100,12 @@ static void expand(const float *b, long d_out, long R, float hs[][64], float *co
     }
 }
 
+/* out[r] = h[r] * sc for a token's R shrink values of one slice (h itself where sc is 1). */
+static inline void scaled_h(const float *h, long R, float sc, float *out)
+{
+    for (long r = 0; r < R; r++) out[r] = sc == 1.0f ? h[r] : h[r] * sc;
+}
+
 /* Expand task: y[tokens of active slot u, c0..c1) += scale_i * h[., slice i] @ B[slot, c0..c1) for
  * every slice i that columns c0..c1 of the concatenated slices overlap. */
 static inline void expand_task(const lora_stack *st, const lora_step *sp, long u, long c0, long c1, float *y, long ldy)
@@ -118,8 +124,7 @@ static inline void expand_task(const lora_stack *st, const lora_step *sp, long u
             float *yt[TT];
             for (int t = 0; t < nt; t++) {
                 const long tok = sp->order[q + t];
-                const float *ht = sp->h + tok * nR + i * R;
-                for (long r = 0; r < R; r++) hs[t][r] = sc == 1.0f ? ht[r] : ht[r] * sc;
+                scaled_h(sp->h + tok * nR + i * R, R, sc, hs[t]);
                 yt[t] = y + tok * ldy;
             }
             expand(b, d_out, R, hs, yt, lo, hi, nt);
@@ -178,6 +183,7 @@ typedef __m512 vf;
 #define V_MIN _mm512_min_ps
 #define V_MAX _mm512_max_ps
 #define V_ZERO _mm512_setzero_ps
+#define V_FIRST _mm512_cvtss_f32
 static inline vf v_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf v_pow2(vf y, vf n) { return _mm512_scalef_ps(y, n); }
 #else
@@ -193,6 +199,7 @@ typedef __m256 vf;
 #define V_MIN _mm256_min_ps
 #define V_MAX _mm256_max_ps
 #define V_ZERO _mm256_setzero_ps
+#define V_FIRST _mm256_cvtss_f32
 static inline vf v_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf v_pow2(vf y, vf n) {  /* y * 2^n for integral n in [-127, 127] */
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -224,12 +231,7 @@ static inline vf v_swiglu(vf g, vf u)
 
 static inline float s_swiglu(float g, float u)  /* the scalar tail, with the same exp */
 {
-#ifdef __AVX512F__
-    const float e = _mm512_cvtss_f32(v_exp(V_SET1(-g)));
-#else
-    const float e = _mm256_cvtss_f32(v_exp(V_SET1(-g)));
-#endif
-    return g / (1.0f + e) * u;
+    return g / (1.0f + V_FIRST(v_exp(V_SET1(-g)))) * u;
 }
 
 /* One token's row without a LoRA. */
@@ -315,12 +317,8 @@ void coe_swiglu_lora(const float *gu, long ldg, long T, long I, float *act, long
         if (lora) {
 #pragma omp for schedule(dynamic, 1)
             for (long k = 0; k < tiles; k++) {
-                long u = 0, q = k;
-                for (;; u++) {  /* tile k's slot and first token */
-                    const long nb = (sp->seg_count[u] + TT - 1) / TT;
-                    if (q < nb) break;
-                    q -= nb;
-                }
+                long q = k;
+                const long u = slot_of_tile(sp, TT, &q);  /* tile k's slot and its tile within it */
                 const long s = sp->seg_slot[u], q0 = sp->seg_start[u] + q * TT, qe = sp->seg_start[u] + sp->seg_count[u];
                 const int nt = qe - q0 < TT ? (int)(qe - q0) : TT;
                 const float sg = st->scale ? st->scale[s] * st->alpha : st->alpha;
@@ -330,11 +328,8 @@ void coe_swiglu_lora(const float *gu, long ldg, long T, long I, float *act, long
                 float *at[TT];
                 for (int i = 0; i < nt; i++) {
                     const long tok = sp->order[q0 + i];
-                    const float *ht = sp->h + tok * nR;
-                    for (long r = 0; r < R; r++) {
-                        hg[i][r] = sg == 1.0f ? ht[r] : ht[r] * sg;
-                        hu[i][r] = su == 1.0f ? ht[R + r] : ht[R + r] * su;
-                    }
+                    scaled_h(sp->h + tok * nR, R, sg, hg[i]);
+                    scaled_h(sp->h + tok * nR + R, R, su, hu[i]);
                     gt[i] = gu + tok * ldg;
                     at[i] = act + tok * lda;
                 }

@@ -148,19 +148,30 @@ static inline __attribute__((always_inline)) void shrink_block(const char *a0, l
     }
 }
 
-/* The shrink's tasks k0..k1 of this thread, a task being (active slot u, SHRINK_ROWS rows of A
- * from jq) against all of u's tokens: task = u * ceil(nR / SHRINK_ROWS) + jq. */
+/* Shrink task `task`, (active slot u, SHRINK_ROWS rows of A from jq): task = u * ceil(nR /
+ * SHRINK_ROWS) + jq, against all of u's tokens (parts 1), or the first (part 0) or second
+ * (part 1) half of them (parts 2, cut at a whole token tile). */
+static inline void lora_shrink_task(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
+                                    long task, int part, int parts, int half)
+{
+    const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    const long u = task / np, j0 = SHRINK_ROWS * (task % np);
+    const long rows = nR - j0 < SHRINK_ROWS ? nR - j0 : SHRINK_ROWS;
+    const char *a0 = (const char *)A + ((long)sp->seg_slot[u] * nR + j0) * d_in * (half ? 2 : 4);
+    long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
+    if (parts == 2) {
+        long qm = q0 + (sp->seg_count[u] / 2 + TT - 1) / TT * TT;
+        qm = qm < q1 ? qm : q1;
+        if (part) q0 = qm; else q1 = qm;
+    }
+    shrink_block(a0, j0, rows, nR, d_in, x, ldx, sp, q0, q1, half);
+}
+
+/* The shrink's tasks k0..k1 (see lora_shrink_task), each against all of its slot's tokens. */
 static inline void lora_shrink_range(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
                                      long k0, long k1, int half)
 {
-    const long esize = half ? 2 : 4;
-    const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
-    for (long task = k0; task < k1; task++) {
-        const long u = task / np, j0 = SHRINK_ROWS * (task % np);
-        const long rows = nR - j0 < SHRINK_ROWS ? nR - j0 : SHRINK_ROWS;
-        const char *a0 = (const char *)A + ((long)sp->seg_slot[u] * nR + j0) * d_in * esize;
-        shrink_block(a0, j0, rows, nR, d_in, x, ldx, sp, sp->seg_start[u], sp->seg_start[u] + sp->seg_count[u], half);
-    }
+    for (long task = k0; task < k1; task++) lora_shrink_task(A, nR, d_in, x, ldx, sp, task, 0, 1, half);
 }
 
 /* How many shrink tasks a step has (see lora_shrink_range). */
@@ -175,6 +186,19 @@ static inline long lora_shrink_tasks(long nR, const lora_step *sp) { return sp->
  * EPYC, one slot, 512 tokens, r=16, C LoRA per call over SmolLM2's four projections, median of
  * 7 x 10 calls): 0.715 ms a layer -> 0.634 (qkv 0.200 -> 0.167, down 0.157 -> 0.128). */
 #define SHRINK_TOKENS 32
+
+/* Which active slot's tiles of tb tokens hold tile number *k (counted over the slots in
+ * order): returns the slot's index u and leaves in *k the tile's number within that slot. */
+static inline long slot_of_tile(const lora_step *sp, long tb, long *k)
+{
+    long u = 0;
+    for (;; u++) {
+        const long nb = (sp->seg_count[u] + tb - 1) / tb;
+        if (*k < nb) return u;
+        *k -= nb;
+    }
+}
+
 static inline long lora_shrink_token_tasks(const lora_step *sp, long tb)
 {
     long n = 0;
@@ -185,12 +209,7 @@ static inline long lora_shrink_token_tasks(const lora_step *sp, long tb)
 static inline void lora_shrink_tokens(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
                                       long task, long tb, int half)
 {
-    long u = 0;
-    for (;; u++) {  /* the task's slot and its block of tokens */
-        const long nb = (sp->seg_count[u] + tb - 1) / tb;
-        if (task < nb) break;
-        task -= nb;
-    }
+    const long u = slot_of_tile(sp, tb, &task);  /* the task's slot and its block of tokens */
     const char *a0 = (const char *)A + (long)sp->seg_slot[u] * nR * d_in * (half ? 2 : 4);
     const long q0 = sp->seg_start[u] + task * tb, qe = sp->seg_start[u] + sp->seg_count[u];
     shrink_block(a0, 0, nR, nR, d_in, x, ldx, sp, q0, q0 + tb < qe ? q0 + tb : qe, half);

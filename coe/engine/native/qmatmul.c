@@ -45,6 +45,13 @@
  * unchanged (+0.3 ms, noise). A T0 hint or 32 rows ahead did no better. */
 #define W_AHEAD 16
 
+/* One weight row's quants (qbytes) and scales (sbytes), prefetched non-temporally (see W_AHEAD). */
+static inline void prefetch_row(const void *q, long qbytes, const void *s, long sbytes)
+{
+    for (long o = 0; o < qbytes; o += 64) _mm_prefetch((const char *)q + o, _MM_HINT_NTA);
+    for (long o = 0; o < sbytes; o += 64) _mm_prefetch((const char *)s + o, _MM_HINT_NTA);
+}
+
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -406,20 +413,10 @@ static inline void fused_shrink_task(const uint16_t *A, long nR, long K, const f
                                      long k)
 {
     const long n = lora_shrink_tasks(nR, sp), first_split = n - (n < SHRINK_TAIL ? n : SHRINK_TAIL);
-    if (k < first_split) {
-        lora_shrink_range(A, nR, K, x, ldx, sp, k, k + 1, 1);
-        return;
-    }
-    const long task = first_split + (k - first_split) / 2, second = (k - first_split) % 2;
-    const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
-    const long u = task / np, j0 = SHRINK_ROWS * (task % np);
-    const long rows = nR - j0 < SHRINK_ROWS ? nR - j0 : SHRINK_ROWS;
-    const char *a0 = (const char *)A + ((long)sp->seg_slot[u] * nR + j0) * K * 2;
-    const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
-    long qm = q0 + (sp->seg_count[u] / 2 + TT - 1) / TT * TT;  /* whole token tiles in the first half */
-    qm = qm < q1 ? qm : q1;
-    if (second) shrink_block(a0, j0, rows, nR, K, x, ldx, sp, qm, q1, 1);
-    else shrink_block(a0, j0, rows, nR, K, x, ldx, sp, q0, qm, 1);
+    if (k < first_split)
+        lora_shrink_task(A, nR, K, x, ldx, sp, k, 0, 1, 1);
+    else
+        lora_shrink_task(A, nR, K, x, ldx, sp, first_split + (k - first_split) / 2, (int)((k - first_split) % 2), 2, 1);
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T (+ each row's LoRA when lr is not
@@ -482,12 +479,8 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 for (long n = n0; n < n1; n++) {
                     if (r0 == 0) {  /* prefetches spread over the first tile's outputs */
                         if (per) pf_some(&pf, per, pf_l1);
-                        if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N) {  /* see W_AHEAD */
-                            const char *wq = (const char *)(qs + (n + W_AHEAD) * (K / 2));
-                            const char *wd = (const char *)(dm + (n + W_AHEAD) * 2 * nb);
-                            for (long o = 0; o < K / 2; o += 64) _mm_prefetch(wq + o, _MM_HINT_NTA);
-                            for (long o = 0; o < 8 * nb; o += 64) _mm_prefetch(wd + o, _MM_HINT_NTA);
-                        }
+                        if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N)  /* see W_AHEAD */
+                            prefetch_row(qs + (n + W_AHEAD) * (K / 2), K / 2, dm + (n + W_AHEAD) * 2 * nb, 8 * nb);
                     }
                     TILE_CASES(Q41_ROW, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
                 }
@@ -533,12 +526,7 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
         long n0, n1;
         split(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         for (long n = n0; n < n1; n++) {
-            if (n + W_AHEAD < n1) {
-                const char *wq = (const char *)(qs + (n + W_AHEAD) * K);
-                const char *wd = (const char *)(d + (n + W_AHEAD) * nb);
-                for (long o = 0; o < K; o += 64) _mm_prefetch(wq + o, _MM_HINT_NTA);
-                for (long o = 0; o < 4 * nb; o += 64) _mm_prefetch(wd + o, _MM_HINT_NTA);
-            }
+            if (n + W_AHEAD < n1) prefetch_row(qs + (n + W_AHEAD) * K, K, d + (n + W_AHEAD) * nb, 4 * nb);
             for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                 TILE_CASES(Q80_ROW, qs + n * K, d + n * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
