@@ -37,6 +37,8 @@ class LoRAMeta:
         slot_starts: int64 [U] on ``device``, where each active slot's tokens begin in
             ``sorted_token_ids``.
         active_slots_host / tokens_per_slot_host / slot_starts_host: the same as tuples of ints.
+        slots_host / sorted_token_ids_host: ``slots`` and ``sorted_token_ids`` as tuples of ints
+            (what host-side backends read without a tensor op).
         num_lora_tokens: host int, tokens with a slot.
         max_tokens_per_slot: host int, the largest entry of ``tokens_per_slot`` (0 if none).
         single_slot: host int: the slot when exactly one slot is active, else -1.
@@ -61,6 +63,8 @@ class LoRAMeta:
         "active_slots_host",
         "tokens_per_slot_host",
         "slot_starts_host",
+        "slots_host",
+        "sorted_token_ids_host",
         "num_lora_tokens",
         "max_tokens_per_slot",
         "single_slot",
@@ -112,6 +116,7 @@ class LoRAMeta:
                 f"got {bad[:8]} among {num_tokens} tokens"
             )
         self.any_lora = hi >= 0
+        self.slots_host = tuple(values)
         self.slots = host.to(device, non_blocking=True) if device != host.device else host
         self.device = device = self.slots.device  # "cuda" -> "cuda:0", so device checks compare equal
         self.device_index = self.slots.get_device()  # -1 on the CPU; what the per-call checks compare
@@ -119,6 +124,7 @@ class LoRAMeta:
         if not self.any_lora:
             empty = torch.empty(0, dtype=torch.int64, device=device)
             self.sorted_token_ids = torch.arange(num_tokens, device=device)
+            self.sorted_token_ids_host = tuple(range(num_tokens))
             self.active_slots = self.tokens_per_slot = self.slot_starts = empty
             self.active_slots_host = self.tokens_per_slot_host = self.slot_starts_host = ()
             self.num_lora_tokens = self.max_tokens_per_slot = 0
@@ -138,6 +144,7 @@ class LoRAMeta:
             order.extend(by_slot[s])
 
         self.active_slots_host = tuple(active)
+        self.sorted_token_ids_host = tuple(order)
         self.tokens_per_slot_host = tuple(counts)
         self.slot_starts_host = tuple(starts)
         self.num_lora_tokens = num_tokens - num_none

@@ -576,42 +576,48 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
         raise RuntimeError(f"the block kernels are unavailable here: {unavailable_reason()}")
     torch.set_num_threads(threads)
     args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(resolve_model(model).path)))
-    g = torch.Generator().manual_seed(0)
-    calls = []
-    for _ in range(args.n_layers):
-        for targets in FUSED_GROUPS.values():
-            d_in = args.module_shape(targets[0])[0]
-            slices = tuple(args.module_shape(t)[1] for t in targets)
-            n = sum(slices)
-            if d_in % 32 or any(d % 8 for d in slices):
-                raise RuntimeError(f"the fused kernel needs inputs in blocks of 32 and outputs in blocks of 8; this model's "
-                                   f"{'/'.join(targets)} is {d_in} -> {slices}")
-            w = BlockWeight("q4_1", torch.randint(0, 256, (n, d_in // 2), dtype=torch.uint8, generator=g),
-                            torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
-            A = (torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01).half()  # float16, as the engine keeps the fused copies
-            P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()
-            calls.append((w, A, P, lora_rows(A, P, slices)))
-    xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
-    cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}
-    metas = {k: None if v is None else LoRAMeta.build(torch.tensor(v), NUM_ADAPTERS) for k, v in cases.items()}
-    times: dict[str, list[float]] = {k: [] for k in cases}
+    # Built on the timing thread, as everything in a real step: an OpenMP region started on this
+    # (the caller's) thread would leave a second worker pool alive, and every call would then pay
+    # futex wake-ups (coe.engine.threads) that hide the LoRA's cost (measured: +0.37 ms for one
+    # adapter and +0 for eight over one with the data built here, +0.88 and +1.6 in real steps).
+    def setup() -> tuple[list[Any], dict[int, torch.Tensor], dict[str, Any]]:
+        g = torch.Generator().manual_seed(0)
+        calls = []
+        for _ in range(args.n_layers):
+            for targets in FUSED_GROUPS.values():
+                d_in = args.module_shape(targets[0])[0]
+                slices = tuple(args.module_shape(t)[1] for t in targets)
+                n = sum(slices)
+                if d_in % 32 or any(d % 8 for d in slices):
+                    raise RuntimeError(f"the fused kernel needs inputs in blocks of 32 and outputs in blocks of 8; this model's "
+                                       f"{'/'.join(targets)} is {d_in} -> {slices}")
+                w = BlockWeight("q4_1", torch.randint(0, 256, (n, d_in // 2), dtype=torch.uint8, generator=g),
+                                torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
+                A = (torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01).half()  # float16, as the engine keeps the fused copies
+                P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()
+                calls.append((w, A, P, lora_rows(A, P, slices)))
+        xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
+        cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}
+        metas = {k: None if v is None else LoRAMeta.build(torch.tensor(v), NUM_ADAPTERS) for k, v in cases.items()}
+        return calls, xs, metas
 
-    def one(meta: Any) -> None:
-        for w, A, _P, desc in calls:
-            w.matmul(xs[w.shape[1]], None if meta is None else (desc, native_ops.step_descriptor(meta, A.shape[1])))
+    n_calls = args.n_layers * len(FUSED_GROUPS)
+    times: dict[str, list[float]] = {k: [] for k in ("base", "one_adapter", "eight_adapters")}
 
     def loop() -> None:
+        calls, xs, metas = setup()
         for it in range(iterations + 1):
             for k, meta in metas.items():
                 t0 = time.perf_counter()
-                one(meta)
+                for w, A, _P, desc in calls:
+                    w.matmul(xs[w.shape[1]], None if meta is None else (desc, native_ops.step_descriptor(meta, A.shape[1])))
                 if it:  # one warm-up turn
                     times[k].append((time.perf_counter() - t0) * 1e3)
 
-    log(f"timing {len(calls)} fused kernel calls x {len(cases)} cases, {iterations} turns...")
+    log(f"timing {n_calls} fused kernel calls x {len(times)} cases, {iterations} turns...")
     run_in_fresh_thread(loop)
     ratio = lambda a, b: round(_ratio(times[a], times[b]), 3)  # noqa: E731
-    return {"threads": threads, "rows": rows, "calls": len(calls), "iterations": iterations,
+    return {"threads": threads, "rows": rows, "calls": n_calls, "iterations": iterations,
             "ms": {k: round(_median(v), 3) for k, v in times.items()},
             "one_over_base": ratio("one_adapter", "base"), "eight_over_one": ratio("eight_adapters", "one_adapter")}
 

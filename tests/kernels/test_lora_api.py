@@ -51,6 +51,7 @@ def test_meta_fields():
     assert meta.slot_starts_host == (2, 5)
     assert meta.max_tokens_per_slot == 3 and meta.single_slot == -1
     assert meta.sorted_token_ids.tolist() == [1, 4, 2, 5, 6, 0, 3]  # -1 first, stable within a slot
+    assert meta.sorted_token_ids_host == (1, 4, 2, 5, 6, 0, 3) and meta.slots_host == (2, -1, 0, 2, -1, 0, 0)
     assert meta.active_slots.tolist() == [0, 2] and meta.tokens_per_slot.tolist() == [3, 2]
     assert meta.slot_starts.tolist() == [2, 5]
     assert LoRAMeta.build(torch.tensor([3, 3]), 4).single_slot == 3
@@ -60,6 +61,7 @@ def test_meta_fields():
 def test_meta_without_adapters(slots):
     meta = LoRAMeta.build(slots, 2)
     assert meta.any_lora is False and meta.num_lora_tokens == 0 and meta.active_slots_host == ()
+    assert meta.slots_host == tuple(slots.tolist()) and meta.sorted_token_ids_host == tuple(range(len(slots)))
 
 
 @pytest.mark.parametrize(
