@@ -394,29 +394,33 @@ static inline void pf_some(pf_list *l, long lines, int l1)
     }
 }
 
-/* The fused kernel's shrink tasks, taken from a shared counter: lora_shrink_range's (slot,
- * SHRINK_ROWS rows of A) tasks against all of the slot's tokens, except that the last
- * SHRINK_TAIL of them are cut in two halves of the tokens (two tasks each). The threads reach
- * the barrier after the shrink at most one task apart, so a smaller last task is a shorter wait.
- * Every (token, row) dot product is the same computation whichever task holds it. Measured in
- * the engine (the bench's 16 requests on one adapter, both threads' waits at the barrier summed
- * over a run's 7560 calls, in TSC cycles at 2.6 GHz, 4 runs of each build interleaved): 67-104 M
- * without the split, 40-68 M with it (~7 ms less waiting a run of 64 decode steps). */
-#define SHRINK_TAIL 4
-static inline long fused_shrink_tasks(long nR, const lora_step *sp)
-{
-    const long n = lora_shrink_tasks(nR, sp);
-    return n + (n < SHRINK_TAIL ? n : SHRINK_TAIL);
-}
+/* The fused kernel's shrink: lora_shrink_range's (slot, SHRINK_ROWS rows of A) tasks split into
+ * one contiguous range per thread (split), the range whose A rows the thread prefetched into its
+ * own L2 during its base loop. Each range is consumed through its own counter (a cache line of
+ * its own): the owner takes it first, in order, and a thread whose range is done goes on to
+ * take what is left of the others', so a thread that started late (or was descheduled) is
+ * still helped. The last STEAL_TAIL tasks of each range are cut in two halves of the tokens
+ * (unit j of a range: fused_shrink_unit), so the threads reach the barrier after the shrink at
+ * most half a task apart. Every (token, row) dot product is the same computation whichever
+ * thread takes it.
+ * Why not one counter shared by all the tasks (before): a thread then took whichever task came
+ * next, mostly rows prefetched into the other core's L2, and every take moved the counter's
+ * line between the cores. Measured with the engine's own decode-step calls replayed (16 rows,
+ * the 121 block-kernel calls of a step recorded from real steps, the builds interleaved round
+ * by round, 100 rounds, 3 runs, 2-core AVX-512 EPYC), the LoRA's cost over the same build's
+ * base, ms a step: one adapter +1.36 / +0.82 / +0.91 with the shared counter, +1.13 / +0.72 /
+ * +0.73 with these ranges; eight adapters +3.24 / +2.35 / +2.32 against +2.72 / +2.14 / +2.11. */
+#define STEAL_TAIL 2
+static inline long fused_shrink_units(long tasks) { return tasks + (tasks < STEAL_TAIL ? tasks : STEAL_TAIL); }
 
-static inline void fused_shrink_task(const uint16_t *A, long nR, long K, const float *x, long ldx, const lora_step *sp,
-                                     long k)
+static inline void fused_shrink_unit(const uint16_t *A, long nR, long K, const float *x, long ldx, const lora_step *sp,
+                                     long k0, long tasks, long j)
 {
-    const long n = lora_shrink_tasks(nR, sp), first_split = n - (n < SHRINK_TAIL ? n : SHRINK_TAIL);
-    if (k < first_split)
-        lora_shrink_task(A, nR, K, x, ldx, sp, k, 0, 1, 1);
+    const long first = tasks - (tasks < STEAL_TAIL ? tasks : STEAL_TAIL);  /* the first task cut in halves */
+    if (j < first)
+        lora_shrink_task(A, nR, K, x, ldx, sp, k0 + j, 0, 1, 1);
     else
-        lora_shrink_task(A, nR, K, x, ldx, sp, first_split + (k - first_split) / 2, (int)((k - first_split) % 2), 2, 1);
+        lora_shrink_task(A, nR, K, x, ldx, sp, k0 + first + (j - first) / 2, (int)((j - first) % 2), 2, 1);
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T (+ each row's LoRA when lr is not
@@ -424,27 +428,29 @@ static inline void fused_shrink_task(const uint16_t *A, long nR, long K, const f
  * One OpenMP region, each thread on its own contiguous blocks of 8 outputs:
  *   1. the base dot products of its blocks for all row tiles (a weight row is read from memory
  *      once per step), prefetching the A rows and B panels it needs next;
- *   2. shrink tasks h = A x (SHRINK_ROWS rows of A of one active slot each, the last few cut in
- *      halves of the tokens: fused_shrink_task), taken from a shared counter until none is
- *      left; a barrier (h complete);
+ *   2. shrink tasks h = A x (SHRINK_ROWS rows of A of one active slot each): its own range of
+ *      them, then any left in the other threads' ranges (see fused_shrink_unit); a barrier (h
+ *      complete);
  *   3. the expand of its blocks (up to EXPAND_BLOCKS at a time), added to y after the base sum (a zero B adds exactly nothing).
  * A row's LoRA delta does not depend on which rows share the call (the same alone), and a
  * shrink task's result does not depend on the thread that takes it. The base dot product's
  * number of partial sums does depend on the row tile's size (NA in q41_row), so a row's base
  * part may differ in its last bits between a batch and alone (within float32 rounding).
- * Why a shared counter for the shrink: the two threads finish their base blocks tens of
- * microseconds apart, and with a fixed half of the shrink each, the first to finish waited at
- * the barrier. Taking tasks as they come, it does the shrink while the other finishes. Measured
- * (python -m coe.engine.bench --kernel, 16 rows, 120 calls, interleaved, 6 runs on the 2-core
- * EPYC): one adapter cost +2.05 ms over the base (median) with fixed halves, -0.45 ms with the
- * counter; eight adapters +2.4 ms over one, then +2.25. */
+ * Why a thread may take over the others' shrink tasks: the threads can finish their base blocks
+ * tens of microseconds apart (one woken late, or descheduled), and with fixed halves of the
+ * shrink the first to finish waited at the barrier. Measured when bench --kernel still built its
+ * data on the caller's thread, so that every call began with futex wake-ups (16 rows, 120 calls,
+ * interleaved, 6 runs on the 2-core EPYC): one adapter +2.05 ms over the base with fixed halves,
+ * -0.45 ms with tasks taken as they come. */
 void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
                          long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
     const long nb = K / QK;
     const long nR = lr ? lr->R * lr->n : 0;
     const long nblk = (N + NBLK - 1) / NBLK;
-    long next_task = 0;  /* the shrink's next untaken task, shared by the threads */
+    const int nc = nthreads > 0 ? nthreads : 1;
+    long next_unit[nc][8] __attribute__((aligned(64)));  /* each thread's range: its next shrink unit (a line each) */
+    for (int i = 0; i < nc; i++) next_unit[i][0] = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -487,10 +493,15 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             }
         }
         if (lr) {
-            /* prefetched above: this thread's even share k0..k1, which it mostly takes */
-            const long ntasks = fused_shrink_tasks(nR, sp);
-            for (long k; (k = __atomic_fetch_add(&next_task, 1, __ATOMIC_RELAXED)) < ntasks;)
-                fused_shrink_task(lr->A, nR, K, x, ldx, sp, k);
+            const long n = lora_shrink_tasks(nR, sp);
+            for (int v = 0; v < nt; v++) {  /* its own range k0..k1 (prefetched above) first */
+                const int o = (t + v) % nt;
+                long a0, a1;
+                split(n, o, nt, &a0, &a1);
+                const long units = fused_shrink_units(a1 - a0);
+                for (long j; (j = __atomic_fetch_add(&next_unit[o][0], 1, __ATOMIC_RELAXED)) < units;)
+                    fused_shrink_unit(lr->A, nR, K, x, ldx, sp, a0, a1 - a0, j);
+            }
 #pragma omp barrier
             long i = 0;
             for (long blk = b0; blk < b1;) {
