@@ -116,9 +116,9 @@ def step_descriptor(meta: LoRAMeta, width: int) -> Any:
     key = ("native", width)
     hit = meta.cache.get(key)
     if hit is None:
-        T, U = meta.num_tokens, len(meta.active_slots_host)
-        skip = T - meta.num_lora_tokens
-        L = T - skip  # order, seg_slot, seg_start, seg_count, row_slot: L + 3U + T ints
+        T, U, L = meta.num_tokens, len(meta.active_slots_host), meta.num_lora_tokens
+        skip = T - L  # tokens without a slot, first in sorted_token_ids
+        # order, seg_slot, seg_start, seg_count, row_slot: L + 3U + T ints
         ints = (*meta.sorted_token_ids_host[skip:], *meta.active_slots_host, *(s - skip for s in meta.slot_starts_host),
                 *meta.tokens_per_slot_host, *meta.slots_host)
         buf = (ctypes.c_int32 * len(ints))(*ints)

@@ -230,6 +230,39 @@ def _cold_load_ms(engine: Any, path: Path, repeats: int) -> float:
     return _median(times) * 1e3
 
 
+def _itl_run(engine: Any, prompts: list[str], names: list[str], cold: Path,
+             new_tokens: int) -> tuple[list[float], list[float], float]:
+    """One run of :func:`_itl_during_load`: the streams' inter-token gaps, those that overlap the
+    load of ``cold`` (started once every stream has a quarter of its tokens), and the load's
+    seconds."""
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, names)]
+
+    def drain(i: int) -> None:
+        for item in streams[i]:
+            if isinstance(item, StreamDelta):
+                arrivals[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    while min(len(a) for a in arrivals) < new_tokens // 4:
+        time.sleep(0.002)
+    t_load = time.perf_counter()
+    engine.load_adapter("cold-itl", cold)  # read on this thread, copied into a slot between two steps
+    t_done = time.perf_counter()
+    for t in threads:
+        t.join()
+    engine.unload_adapter("cold-itl")
+    gaps, during = [], []
+    for a in arrivals:
+        for t0, t1 in zip(a, a[1:]):
+            gaps.append(t1 - t0)
+            if t1 >= t_load and t0 <= t_done:
+                during.append(t1 - t0)
+    return gaps, during, t_done - t_load
+
+
 def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Path, new_tokens: int) -> dict[str, float]:
     """Streams decode while an adapter is read from disk (off the loop thread) and made resident.
 
@@ -240,38 +273,14 @@ def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Pa
     """
     new_tokens = max(new_tokens, 64)
     for _ in range(3):
-        arrivals: list[list[float]] = [[] for _ in prompts]
-        streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, names)]
-
-        def drain(i: int) -> None:
-            for item in streams[i]:
-                if isinstance(item, StreamDelta):
-                    arrivals[i].append(time.perf_counter())
-
-        threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
-        for t in threads:
-            t.start()
-        while min(len(a) for a in arrivals) < new_tokens // 4:
-            time.sleep(0.002)
-        t_load = time.perf_counter()
-        engine.load_adapter("cold-itl", cold)  # read on this thread, copied into a slot between two steps
-        t_done = time.perf_counter()
-        for t in threads:
-            t.join()
-        engine.unload_adapter("cold-itl")
-        gaps, during = [], []
-        for a in arrivals:
-            for t0, t1 in zip(a, a[1:]):
-                gaps.append(t1 - t0)
-                if t1 >= t_load and t0 <= t_done:
-                    during.append(t1 - t0)
+        gaps, during, window = _itl_run(engine, prompts, names, cold, new_tokens)
         if during:
             break
         new_tokens *= 4
     med = _median(gaps)
     p99 = float(torch.tensor(during).quantile(0.99)) if during else float("nan")
     return {"itl_median_ms": med * 1e3, "itl_p99_during_load_ms": p99 * 1e3, "itl_p99_during_load_ratio": p99 / med,
-            "load_window_ms": (t_done - t_load) * 1e3}
+            "load_window_ms": window * 1e3}
 
 
 # --------------------------------------------------------------------------- transformers side
@@ -597,12 +606,12 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
                 P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()
                 calls.append((w, A, P, lora_rows(A, P, slices)))
         xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
-        cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}
         metas = {k: None if v is None else LoRAMeta.build(torch.tensor(v), NUM_ADAPTERS) for k, v in cases.items()}
         return calls, xs, metas
 
+    cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}
     n_calls = args.n_layers * len(FUSED_GROUPS)
-    times: dict[str, list[float]] = {k: [] for k in ("base", "one_adapter", "eight_adapters")}
+    times: dict[str, list[float]] = {k: [] for k in cases}
 
     def loop() -> None:
         calls, xs, metas = setup()

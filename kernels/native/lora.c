@@ -100,6 +100,12 @@ static void expand(const float *b, long d_out, long R, float hs[][64], float *co
     }
 }
 
+/* Slice i's scaling for slot s (the per-slot table, if any, times alpha). */
+static inline float slice_scale(const lora_stack *st, long i, long s)
+{
+    return st->scale ? st->scale[i * st->S + s] * st->alpha : st->alpha;
+}
+
 /* out[r] = h[r] * sc for a token's R shrink values of one slice (h itself where sc is 1). */
 static inline void scaled_h(const float *h, long R, float sc, float *out)
 {
@@ -117,7 +123,7 @@ static inline void expand_task(const lora_stack *st, const lora_step *sp, long u
     for (long i = 0; i < st->n; off += st->slices[i], i++) {
         const long lo = c0 > off ? c0 : off, hi = c1 < off + st->slices[i] ? c1 : off + st->slices[i];
         if (lo >= hi) continue;
-        const float sc = st->scale ? st->scale[i * st->S + s] * st->alpha : st->alpha;
+        const float sc = slice_scale(st, i, s);
         for (long q = q0; q < q1; q += TT) {
             const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
             float hs[TT][64];
@@ -305,9 +311,7 @@ void coe_swiglu_lora(const float *gu, long ldg, long T, long I, float *act, long
 {
     const int lora = st != NULL && sp != NULL && sp->U > 0;
     const long R = lora ? st->R : 0, nR = 2 * R;
-    long tiles = 0;
-    if (lora)
-        for (long u = 0; u < sp->U; u++) tiles += (sp->seg_count[u] + TT - 1) / TT;
+    const long tiles = lora ? lora_shrink_token_tasks(sp, TT) : 0;  /* tiles of up to TT tokens of one slot */
 #pragma omp parallel num_threads(lora ? (int)sp->nthreads : nthreads)
     {
         if (lora) lora_shrink_for(st->A, nR, st->d_in, x, ldx, sp);  /* ends with a barrier: h is complete */
@@ -321,8 +325,7 @@ void coe_swiglu_lora(const float *gu, long ldg, long T, long I, float *act, long
                 const long u = slot_of_tile(sp, TT, &q);  /* tile k's slot and its tile within it */
                 const long s = sp->seg_slot[u], q0 = sp->seg_start[u] + q * TT, qe = sp->seg_start[u] + sp->seg_count[u];
                 const int nt = qe - q0 < TT ? (int)(qe - q0) : TT;
-                const float sg = st->scale ? st->scale[s] * st->alpha : st->alpha;
-                const float su = st->scale ? st->scale[st->S + s] * st->alpha : st->alpha;
+                const float sg = slice_scale(st, 0, s), su = slice_scale(st, 1, s);
                 float hg[TT][64], hu[TT][64];
                 const float *gt[TT];
                 float *at[TT];

@@ -167,14 +167,7 @@ static inline void lora_shrink_task(const void *A, long nR, long d_in, const flo
     shrink_block(a0, j0, rows, nR, d_in, x, ldx, sp, q0, q1, half);
 }
 
-/* The shrink's tasks k0..k1 (see lora_shrink_task), each against all of its slot's tokens. */
-static inline void lora_shrink_range(const void *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp,
-                                     long k0, long k1, int half)
-{
-    for (long task = k0; task < k1; task++) lora_shrink_task(A, nR, d_in, x, ldx, sp, task, 0, 1, half);
-}
-
-/* How many shrink tasks a step has (see lora_shrink_range). */
+/* How many shrink tasks a step has (see lora_shrink_task). */
 static inline long lora_shrink_tasks(long nR, const lora_step *sp) { return sp->U * ((nR + SHRINK_ROWS - 1) / SHRINK_ROWS); }
 
 /* The shrink for steps with many tokens on a slot (prompts): tasks of tb tokens (at most
@@ -230,7 +223,7 @@ static inline void lora_shrink_for(const float *A, long nR, long d_in, const flo
         return;
     }
 #pragma omp for schedule(static)
-    for (long task = 0; task < lora_shrink_tasks(nR, sp); task++) lora_shrink_range(A, nR, d_in, x, ldx, sp, task, task + 1, 0);
+    for (long task = 0; task < lora_shrink_tasks(nR, sp); task++) lora_shrink_task(A, nR, d_in, x, ldx, sp, task, 0, 1, 0);
 }
 
 #endif

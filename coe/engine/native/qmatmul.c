@@ -394,7 +394,7 @@ static inline void pf_some(pf_list *l, long lines, int l1)
     }
 }
 
-/* The fused kernel's shrink: lora_shrink_range's (slot, SHRINK_ROWS rows of A) tasks split into
+/* The fused kernel's shrink: lora_shrink_task's (slot, SHRINK_ROWS rows of A) tasks split into
  * one contiguous range per thread (split), the range whose A rows the thread prefetched into its
  * own L2 during its base loop. Each range is consumed through its own counter (a cache line of
  * its own): the owner takes it first, in order, and a thread whose range is done goes on to
@@ -411,12 +411,13 @@ static inline void pf_some(pf_list *l, long lines, int l1)
  * base, ms a step: one adapter +1.36 / +0.82 / +0.91 with the shared counter, +1.13 / +0.72 /
  * +0.73 with these ranges; eight adapters +3.24 / +2.35 / +2.32 against +2.72 / +2.14 / +2.11. */
 #define STEAL_TAIL 2
-static inline long fused_shrink_units(long tasks) { return tasks + (tasks < STEAL_TAIL ? tasks : STEAL_TAIL); }
+static inline long steal_tail(long tasks) { return tasks < STEAL_TAIL ? tasks : STEAL_TAIL; }
 
+/* Unit j of the range of `tasks` tasks from k0: a whole task, or half of one of the last few. */
 static inline void fused_shrink_unit(const uint16_t *A, long nR, long K, const float *x, long ldx, const lora_step *sp,
                                      long k0, long tasks, long j)
 {
-    const long first = tasks - (tasks < STEAL_TAIL ? tasks : STEAL_TAIL);  /* the first task cut in halves */
+    const long first = tasks - steal_tail(tasks);  /* the first task cut in halves */
     if (j < first)
         lora_shrink_task(A, nR, K, x, ldx, sp, k0 + j, 0, 1, 1);
     else
@@ -448,6 +449,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
     const long nb = K / QK;
     const long nR = lr ? lr->R * lr->n : 0;
     const long nblk = (N + NBLK - 1) / NBLK;
+    const long ntasks = lr ? lora_shrink_tasks(nR, sp) : 0;  /* the shrink's (see fused_shrink_unit) */
     const int nc = nthreads > 0 ? nthreads : 1;
     long next_unit[nc][8] __attribute__((aligned(64)));  /* each thread's range: its next shrink unit (a line each) */
     for (int i = 0; i < nc; i++) next_unit[i][0] = 0;
@@ -460,7 +462,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
         pf_list pf = {.k = 0, .i = 0, .off = 0};
         if (lr) {
             const long np = (nR + SHRINK_ROWS - 1) / SHRINK_ROWS;
-            split(lora_shrink_tasks(nR, sp), t, nt, &k0, &k1);
+            split(ntasks, t, nt, &k0, &k1);
             for (long u = k0 / np; u < sp->U && u * np < k1; u++) {  /* A rows of tasks k0..k1, per slot */
                 const long j0 = SHRINK_ROWS * (k0 > u * np ? k0 - u * np : 0);
                 const long j1 = k1 < (u + 1) * np ? SHRINK_ROWS * (k1 - u * np) : nR;
@@ -493,12 +495,11 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             }
         }
         if (lr) {
-            const long n = lora_shrink_tasks(nR, sp);
             for (int v = 0; v < nt; v++) {  /* its own range k0..k1 (prefetched above) first */
                 const int o = (t + v) % nt;
                 long a0, a1;
-                split(n, o, nt, &a0, &a1);
-                const long units = fused_shrink_units(a1 - a0);
+                split(ntasks, o, nt, &a0, &a1);
+                const long units = a1 - a0 + steal_tail(a1 - a0);
                 for (long j; (j = __atomic_fetch_add(&next_unit[o][0], 1, __ATOMIC_RELAXED)) < units;)
                     fused_shrink_unit(lr->A, nR, K, x, ldx, sp, a0, a1 - a0, j);
             }
