@@ -364,12 +364,22 @@ static inline void split(long n, int t, int nt, long *lo, long *hi)
 }
 
 /* Memory a thread reads later in the call (its share of the LoRA's A rows and B panels),
- * prefetched a few cache lines per block while it computes the base outputs: the base loop is
- * bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B (78 MB a
- * step for SmolLM2 at r=16 in float16, more than the base's blocks) would otherwise be read in stalls.
- * Into L2 (T1) when one slot is active; into L1 (T0) when several are: measured with 8 adapters
- * (the --kernel setup, 40 interleaved rounds, 4 runs) T0 cost 0.7-3.0 ms less a step than T1
- * (e.g. +2.20 against +4.57 ms over the base), with one adapter T1 was as good or better. */
+ * prefetched a few cache lines per output and row tile while it computes the base outputs: the
+ * base loop is bound by arithmetic and leaves the memory bus idle, while eight adapters' A and B
+ * (78 MB a step for SmolLM2 at r=16 in float16, more than the base's blocks) would otherwise be
+ * read in stalls.
+ * Spread over every row tile (a 16-row step has two), not only the first: half as many lines at
+ * a time. Measured on a 2-core Intel Xeon VM (AMX/AVX-512, 2 MB L2 a core; kernel_times' setup
+ * with the builds interleaved, 30 rounds; LoRA cost over the base in ms a step): eight adapters
+ * +5.72 with the first tile only -> +5.03 over every tile (T0 hint both); one adapter +1.83 ->
+ * +1.71 (noise).
+ * The hint (pf_hint): into L2 (T1) on Intel CPUs, where the same setup gave eight adapters +5.03
+ * with T0 -> +4.45 with T1 (L1 is 48 KB; a call's share is up to ~540 KB); real 16-row decode
+ * steps, both builds alternating step by step, 80 rounds: eight adapters -1.19 ms a step
+ * (paired median), one adapter +0.30 against the base's -0.21 (noise). On AMD CPUs into L1
+ * (T0) when several slots are active: Zen 4 and later drop some T1/T2 prefetches, and with 8
+ * adapters on a 2-core EPYC T0 cost 0.7-3.0 ms less a step than T1 (an earlier version of that
+ * setup, 40 rounds, 4 runs); with one slot T1 was as good or better there. */
 #define PF_MAX (2 * MAX_FUSED + 2)
 typedef struct {
     const char *p[PF_MAX];
@@ -381,6 +391,17 @@ typedef struct {
 static inline void pf_add(pf_list *l, const void *p, long bytes)
 {
     if (bytes > 0 && l->k < PF_MAX) { l->p[l->k] = (const char *)p; l->n[l->k] = bytes; l->k++; }
+}
+
+/* Whether prefetches go into L1 (1) or L2 (0) in a call over `slots` active slots (see above). */
+static int pf_hint(long slots)
+{
+    static int amd = -1;  /* benign race: every thread computes the same value */
+    if (amd < 0) {
+        __builtin_cpu_init();
+        amd = __builtin_cpu_is("amd") ? 1 : 0;
+    }
+    return amd && slots > 1;
 }
 
 static inline void pf_some(pf_list *l, long lines, int l1)
@@ -457,7 +478,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         long b0, b1, k0 = 0, k1 = 0, per = 0;
-        int pf_l1 = 0;  /* prefetch into L1 (several slots) or L2 (one): see pf_list */
+        int pf_l1 = 0;  /* prefetch into L1 or L2: see pf_hint */
         split(nblk, t, nt, &b0, &b1);
         pf_list pf = {.k = 0, .i = 0, .off = 0};
         if (lr) {
@@ -472,8 +493,9 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 pf_add(&pf, lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + b0) * lr->R) * NBLK, (b1 - b0) * lr->R * NBLK * 2);
             long lines = 0;
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
-            per = b1 > b0 ? (lines + (b1 - b0) * NBLK - 1) / ((b1 - b0) * NBLK) : 0;  /* lines per output */
-            pf_l1 = sp->U > 1;
+            const long points = (b1 - b0) * NBLK * ((M + MAX_ROWS - 1) / MAX_ROWS);  /* (output, row tile) pairs */
+            per = points ? (lines + points - 1) / points : 0;  /* lines per output and row tile */
+            pf_l1 = pf_hint(sp->U);
         }
         /* Row tiles outside the block's outputs: a tile's x (8 rows of 576 floats: 18 KB) stays in
          * L1 for the block's 8 weight rows, which the next tile reads again from L1. With the
@@ -485,10 +507,12 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                 for (long n = n0; n < n1; n++) {
-                    if (r0 == 0) {  /* prefetches spread over the first tile's outputs */
-                        if (per) pf_some(&pf, per, pf_l1);
+                    if (r0 == 0) {
+                        if (per) pf_some(&pf, per, pf_l1);  /* spread over every (output, row tile) */
                         if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N)  /* see W_AHEAD */
                             prefetch_row(qs + (n + W_AHEAD) * (K / 2), K / 2, dm + (n + W_AHEAD) * 2 * nb, 8 * nb);
+                    } else if (per) {
+                        pf_some(&pf, per, pf_l1);
                     }
                     TILE_CASES(Q41_ROW, qs + n * (K / 2), dm + n * 2 * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
                 }
