@@ -39,17 +39,52 @@
 #define NBLK 8        /* outputs per block of the fused LoRA expand (one AVX vector) */
 #define MAX_FUSED 16  /* rows a fused call may have (the engine's BLOCK_MAX_ROWS) */
 /* Each thread prefetches the weight row (its quants and scales) this many outputs ahead of the
- * one it computes, with the non-temporal hint (weights are read once a step). Measured on the
- * 2-core EPYC (real 16-row decode steps of SmolLM2, interleaved with the build without it, 40
- * rounds each, 3 runs): the base step 2.6 ms faster (~4.5%; 2.6 / 2.6 / 2.6); a 1-row step
- * unchanged (+0.3 ms, noise). A T0 hint or 32 rows ahead did no better. */
+ * one it computes: into L2 (T1) on Intel CPUs, non-temporally (NTA: weights are read once a
+ * step) on AMD CPUs (cpu_amd), as measured on each.
+ * On the 2-core AMD EPYC (real 16-row decode steps of SmolLM2, interleaved with the build without
+ * the prefetch, 40 rounds each, 3 runs): the base step 2.6 ms faster (~4.5%; 2.6 / 2.6 / 2.6); a
+ * 1-row step unchanged (+0.3 ms, noise). A T0 hint or 32 rows ahead did no better there.
+ * On a 2-core Intel Xeon VM (AMX/AVX-512, 2 MB L2 a core, ~21 GB/s from memory), NTA left the
+ * steps bound by memory latency: an NTA prefetch holds one of L1's few miss buffers until its
+ * line arrives, a T1 prefetch is handed to L2, which keeps more misses in flight (and T1 lines
+ * may stay in L3 for the next step). There, the 120 block-kernel calls of a step plus the Q8_0
+ * head (random weights of SmolLM2's shapes, builds interleaved, each timed after a pass of its
+ * own, 20 rounds): 1 row 11.94 ms with NTA -> 4.77 with T1 (4.76 with T1 32 rows ahead); 16 rows
+ * 27.59 -> 22.32 (22.78). Real decode steps of the engine, the two builds alternating step by
+ * step, 60 rounds: 16 rows on the base 41.76 -> 35.69 ms, on one adapter 42.75 -> 37.52, over
+ * eight 45.82 -> 39.94; 1 row 14.54 -> 10.60, with an adapter 16.08 -> 10.91. The LoRA's share
+ * of the 16-row kernel calls grew (one adapter +0.88 -> +1.47 ms over the base's calls): T1
+ * lines pass through L3 and displace the adapter's A and B, which NTA left there between steps.
+ * The same weights, so results are unchanged. */
 #define W_AHEAD 16
 
-/* One weight row's quants (qbytes) and scales (sbytes), prefetched non-temporally (see W_AHEAD). */
-static inline void prefetch_row(const void *q, long qbytes, const void *s, long sbytes)
+static int cpu_amd(void)
 {
-    for (long o = 0; o < qbytes; o += 64) _mm_prefetch((const char *)q + o, _MM_HINT_NTA);
-    for (long o = 0; o < sbytes; o += 64) _mm_prefetch((const char *)s + o, _MM_HINT_NTA);
+    static int amd = -1;  /* benign race: every thread computes the same value */
+    if (amd < 0) {
+        __builtin_cpu_init();
+        amd = __builtin_cpu_is("amd") ? 1 : 0;
+    }
+    return amd;
+}
+
+/* Prefetches as volatile asm: GCC 12 deleted loops of _mm_prefetch (no side effects to it) when
+ * they stood in both branches of an if on a run-time hint, so that the weights were not
+ * prefetched at all (found by counting the prefetch instructions in the built library). */
+static inline __attribute__((always_inline)) void pf_t0(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
+static inline __attribute__((always_inline)) void pf_t1(const void *p) { __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p)); }
+static inline __attribute__((always_inline)) void pf_nta(const void *p) { __asm__ volatile("prefetchnta %0" : : "m"(*(const char *)p)); }
+
+/* One weight row's quants (qbytes) and scales (sbytes), prefetched into L2 (l2) or non-temporally. */
+static inline void prefetch_row(const void *q, long qbytes, const void *s, long sbytes, int l2)
+{
+    if (l2) {
+        for (long o = 0; o < qbytes; o += 64) pf_t1((const char *)q + o);
+        for (long o = 0; o < sbytes; o += 64) pf_t1((const char *)s + o);
+    } else {
+        for (long o = 0; o < qbytes; o += 64) pf_nta((const char *)q + o);
+        for (long o = 0; o < sbytes; o += 64) pf_nta((const char *)s + o);
+    }
 }
 
 static inline float hsum(__m256 v) {
@@ -394,22 +429,14 @@ static inline void pf_add(pf_list *l, const void *p, long bytes)
 }
 
 /* Whether prefetches go into L1 (1) or L2 (0) in a call over `slots` active slots (see above). */
-static int pf_hint(long slots)
-{
-    static int amd = -1;  /* benign race: every thread computes the same value */
-    if (amd < 0) {
-        __builtin_cpu_init();
-        amd = __builtin_cpu_is("amd") ? 1 : 0;
-    }
-    return amd && slots > 1;
-}
+static int pf_hint(long slots) { return cpu_amd() && slots > 1; }
 
 static inline void pf_some(pf_list *l, long lines, int l1)
 {
     while (lines > 0 && l->i < l->k) {
         if (l->off >= l->n[l->i]) { l->i++; l->off = 0; continue; }
-        if (l1) _mm_prefetch(l->p[l->i] + l->off, _MM_HINT_T0);
-        else _mm_prefetch(l->p[l->i] + l->off, _MM_HINT_T1);
+        if (l1) pf_t0(l->p[l->i] + l->off);
+        else pf_t1(l->p[l->i] + l->off);
         l->off += 64;
         lines--;
     }
@@ -472,6 +499,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
     const long nblk = (N + NBLK - 1) / NBLK;
     const long ntasks = lr ? lora_shrink_tasks(nR, sp) : 0;  /* the shrink's (see fused_shrink_unit) */
     const int nc = nthreads > 0 ? nthreads : 1;
+    const int w_l2 = !cpu_amd();  /* see W_AHEAD */
     long next_unit[nc][8] __attribute__((aligned(64)));  /* each thread's range: its next shrink unit (a line each) */
     for (int i = 0; i < nc; i++) next_unit[i][0] = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -500,7 +528,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
         /* Row tiles outside the block's outputs: a tile's x (8 rows of 576 floats: 18 KB) stays in
          * L1 for the block's 8 weight rows, which the next tile reads again from L1. With the
          * tiles inside (every output against 16 rows of x, 36 KB), x came from L2 for every
-         * output. Measured as for W_AHEAD: a 16-row step 6.8 ms (~13%) faster; 1 and 8 rows (one
+         * output. Measured as for W_AHEAD (the 2-core EPYC): a 16-row step 6.8 ms (~13%) faster; 1 and 8 rows (one
          * tile) unchanged. Each output is the same call either way, so results are unchanged. */
         for (long blk = b0; blk < b1; blk++) {
             const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
@@ -510,7 +538,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                     if (r0 == 0) {
                         if (per) pf_some(&pf, per, pf_l1);  /* spread over every (output, row tile) */
                         if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N)  /* see W_AHEAD */
-                            prefetch_row(qs + (n + W_AHEAD) * (K / 2), K / 2, dm + (n + W_AHEAD) * 2 * nb, 8 * nb);
+                            prefetch_row(qs + (n + W_AHEAD) * (K / 2), K / 2, dm + (n + W_AHEAD) * 2 * nb, 8 * nb, w_l2);
                     } else if (per) {
                         pf_some(&pf, per, pf_l1);
                     }
@@ -548,21 +576,21 @@ void coe_q41_matmul(const float *x, long ldx, const uint8_t *qs, const float *dm
 }
 
 /* The same for Q8_0 (no LoRA): qs [N, K] int8, d [N, K/32]. Each thread takes a contiguous range
- * of outputs and prefetches its weight rows W_AHEAD outputs ahead with the non-temporal hint,
- * as the Q4_1 kernel does: SmolLM2's Q8_0 output head (49152 x 576, 30 MB) is read once a
- * decode step. Measured (real 16-row decode steps of the engine, both builds interleaved step
+ * of outputs and prefetches its weight rows W_AHEAD outputs ahead as the Q4_1 kernel does:
+ * SmolLM2's Q8_0 output head (49152 x 576, 30 MB) is read once a decode step. With NTA hints: Measured (real 16-row decode steps of the engine, both builds interleaved step
  * by step, 100 rounds, the 2-core AVX-512 EPYC): the base decode step 1.11 ms (~5%) faster,
  * with one adapter 1.16, over eight 1.13. */
 void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, float *y, long ldy,
                     long M, long N, long K, int nthreads)
 {
     const long nb = K / QK;
+    const int w_l2 = !cpu_amd();  /* see W_AHEAD */
 #pragma omp parallel num_threads(nthreads)
     {
         long n0, n1;
         split(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         for (long n = n0; n < n1; n++) {
-            if (n + W_AHEAD < n1) prefetch_row(qs + (n + W_AHEAD) * K, K, d + (n + W_AHEAD) * nb, 4 * nb);
+            if (n + W_AHEAD < n1) prefetch_row(qs + (n + W_AHEAD) * K, K, d + (n + W_AHEAD) * nb, 4 * nb, w_l2);
             for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                 TILE_CASES(Q80_ROW, qs + n * K, d + n * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
