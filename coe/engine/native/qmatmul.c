@@ -38,6 +38,11 @@
 #define MAX_ROWS 8
 #define NBLK 8        /* outputs per block of the fused LoRA expand (one AVX vector) */
 #define MAX_FUSED 16  /* rows a fused call may have (the engine's BLOCK_MAX_ROWS) */
+#ifdef __AVX512F__
+#define TTE 8         /* tokens per tile of the fused LoRA expand (see lora_expand_blocks) */
+#else
+#define TTE TT
+#endif
 /* Each thread prefetches the weight row (its quants and scales) this many outputs ahead of the
  * one it computes: into L2 (T1) on Intel CPUs, non-temporally (NTA: weights are read once a
  * step) on AMD CPUs (cpu_amd), as measured on each.
@@ -53,8 +58,9 @@
  * 27.59 -> 22.32 (22.78). Real decode steps of the engine, the two builds alternating step by
  * step, 60 rounds: 16 rows on the base 41.76 -> 35.69 ms, on one adapter 42.75 -> 37.52, over
  * eight 45.82 -> 39.94; 1 row 14.54 -> 10.60, with an adapter 16.08 -> 10.91. The LoRA's share
- * of the 16-row kernel calls grew (one adapter +0.88 -> +1.47 ms over the base's calls): T1
- * lines pass through L3 and displace the adapter's A and B, which NTA left there between steps.
+ * of the 16-row kernel calls grew (one adapter +0.88 -> +1.47 ms over the base's calls), not in
+ * the setup above (no KV cache or attention between the calls): presumably the T1 lines, which
+ * pass through L3, now push the adapter's A and B out of it between steps, where NTA left them.
  * The same weights, so results are unchanged. */
 #define W_AHEAD 16
 
@@ -312,7 +318,7 @@ static inline __attribute__((always_inline)) void expand_tile(const uint16_t *co
 static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *const *panel, const float *const *ht, long R,
                                                                 float *const *yt, const int NT, const int NP)
 {
-    __m512 acc[TT][4];
+    __m512 acc[TTE][4];
     for (int g = 0; g < NT; g++)
         for (int p = 0; p < NP; p++) acc[g][p] = _mm512_setzero_ps();
     for (long r = 0; r < R; r++) {
@@ -335,7 +341,18 @@ static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *
 
 /* The LoRA delta of every row with a slot, added to y[:, 8 blk : 8 (blk + nblk)] for nblk (at
  * most EXPAND_BLOCKS) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4
- * blocks (with AVX-512: up to 4 tokens x 4 pairs of blocks). */
+ * blocks; with AVX-512, tiles of up to TTE (8) tokens of a slot, against up to 2 pairs of blocks
+ * (5-8 tokens) or 4 pairs (1-4 tokens), at most 16 accumulators, the blocks left over 4 tokens
+ * at a time. Every output sums the rank in one chain whatever its tile, so results are bit for
+ * bit those of 4-token tiles.
+ * Why 8 tokens: each B panel row is loaded and widened once per token tile, so a one-adapter
+ * 16-token step widened B 4 times with 4-token tiles, 2 times now. Measured on the 2-core Intel
+ * Xeon VM (real 16-row decode steps, both builds alternating step by step, two runs of 50 and 60
+ * rounds): the block-kernel calls' LoRA cost over the base's, one adapter +1.34 / +1.38 ms with
+ * 4-token tiles, +1.20 / +1.24 with 8; over eight adapters (2 tokens a slot, the same tiles)
+ * +3.35 / +3.27 against +3.28 / +3.35. Alone (one thread, a [16, 3072] call with its data in
+ * cache), 4-token tiles ran at 46 GMAC/s, 8-token tiles at 49. */
+
 #ifdef __AVX512F__
 #define EXPAND_BLOCKS 8
 #else
@@ -348,42 +365,52 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
     for (long u = 0; u < sp->U; u++) {
         const uint16_t *panel = lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + blk) * R) * NBLK;
         const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
-        for (long q = q0; q < q1; q += TT) {
-            const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
-            const float *ht[TT];
-            float *yt[TT];
+        for (long q = q0; q < q1; q += TTE) {
+            const int nt = q1 - q < TTE ? (int)(q1 - q) : TTE;
+            const float *ht[TTE];
+            float *yt[TTE];
             for (int g = 0; g < nt; g++) {
                 ht[g] = sp->h + (long)sp->order[q + g] * nR + i * R;
                 yt[g] = y + (long)sp->order[q + g] * ldy + n0;
             }
             int c = 0;
 #ifdef __AVX512F__
-            while (nblk - c >= 2) {  /* pairs of blocks, up to 4 at a time */
-                const int np = (nblk - c) / 2 < 4 ? (nblk - c) / 2 : 4;
+            const int npmax = nt > 4 ? 2 : 4;  /* at most 16 accumulators */
+            while (nblk - c >= 2) {  /* pairs of blocks */
+                const int np = (nblk - c) / 2 < npmax ? (nblk - c) / 2 : npmax;
                 const uint16_t *pc[8];
                 for (int k = 0; k < 8; k++) pc[k] = panel + (c + k) * R * NBLK;
-                float *yc[TT];
+                float *yc[TTE];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
 #define EXPAND16_NT(NP) switch (nt) { \
                 case 4: expand_tile16(pc, ht, R, yc, 4, NP); break; case 3: expand_tile16(pc, ht, R, yc, 3, NP); break; \
                 case 2: expand_tile16(pc, ht, R, yc, 2, NP); break; default: expand_tile16(pc, ht, R, yc, 1, NP); break; }
-                if (np == 4) { EXPAND16_NT(4) } else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) }
+#define EXPAND16_WIDE(NP) switch (nt) { \
+                case 8: expand_tile16(pc, ht, R, yc, 8, NP); break; case 7: expand_tile16(pc, ht, R, yc, 7, NP); break; \
+                case 6: expand_tile16(pc, ht, R, yc, 6, NP); break; default: expand_tile16(pc, ht, R, yc, 5, NP); break; }
+                if (nt > 4) { if (np == 2) { EXPAND16_WIDE(2) } else { EXPAND16_WIDE(1) } }
+                else if (np == 4) { EXPAND16_NT(4) } else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) }
                 else { EXPAND16_NT(1) }
 #undef EXPAND16_NT
+#undef EXPAND16_WIDE
                 c += 2 * np;
             }
 #endif
-            for (; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time */
+            for (; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time, tokens 4 at a time */
                 const int nb = nt <= 2 && nblk - c >= 4 ? 4 : (nblk - c >= 2 ? 2 : 1);
                 const uint16_t *pc[4];
                 for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
-                float *yc[TT];
-                for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
-#define EXPAND_NT(NB) switch (nt) { \
-                case 4: expand_tile(pc, ht, R, yc, 4, NB); break; case 3: expand_tile(pc, ht, R, yc, 3, NB); break; \
-                case 2: expand_tile(pc, ht, R, yc, 2, NB); break; default: expand_tile(pc, ht, R, yc, 1, NB); break; }
-                if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
+                for (int g0 = 0; g0 < nt; g0 += TT) {
+                    const int mt = nt - g0 < TT ? nt - g0 : TT;
+                    float *yc[TT];
+                    for (int g = 0; g < mt; g++) yc[g] = yt[g0 + g] + c * NBLK;
+                    const float *const *hc = ht + g0;
+#define EXPAND_NT(NB) switch (mt) { \
+                case 4: expand_tile(pc, hc, R, yc, 4, NB); break; case 3: expand_tile(pc, hc, R, yc, 3, NB); break; \
+                case 2: expand_tile(pc, hc, R, yc, 2, NB); break; default: expand_tile(pc, hc, R, yc, 1, NB); break; }
+                    if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
 #undef EXPAND_NT
+                }
                 c += nb;
             }
         }
