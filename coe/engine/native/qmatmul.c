@@ -45,7 +45,7 @@
 #endif
 /* Each thread prefetches the weight row (its quants and scales) this many outputs ahead of the
  * one it computes: into L2 (T1) on Intel CPUs, non-temporally (NTA: weights are read once a
- * step) on AMD CPUs (cpu_amd), as measured on each.
+ * step) on AMD CPUs (cpu_amd, below), as measured on each.
  * On the 2-core AMD EPYC (real 16-row decode steps of SmolLM2, interleaved with the build without
  * the prefetch, 40 rounds each, 3 runs): the base step 2.6 ms faster (~4.5%; 2.6 / 2.6 / 2.6); a
  * 1-row step unchanged (+0.3 ms, noise). A T0 hint or 32 rows ahead did no better there.
@@ -64,14 +64,13 @@
  * The same weights, so results are unchanged. */
 #define W_AHEAD 16
 
-static int cpu_amd(void)
+/* Whether the CPU is AMD's (the prefetch hints above and in pf_list), set once when the library
+ * is loaded. */
+static int cpu_amd;
+__attribute__((constructor)) static void detect_cpu(void)
 {
-    static int amd = -1;  /* benign race: every thread computes the same value */
-    if (amd < 0) {
-        __builtin_cpu_init();
-        amd = __builtin_cpu_is("amd") ? 1 : 0;
-    }
-    return amd;
+    __builtin_cpu_init();
+    cpu_amd = __builtin_cpu_is("amd") ? 1 : 0;
 }
 
 /* Prefetches as volatile asm: GCC 12 deleted loops of _mm_prefetch (no side effects to it) when
@@ -81,16 +80,20 @@ static inline __attribute__((always_inline)) void pf_t0(const void *p) { __asm__
 static inline __attribute__((always_inline)) void pf_t1(const void *p) { __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p)); }
 static inline __attribute__((always_inline)) void pf_nta(const void *p) { __asm__ volatile("prefetchnta %0" : : "m"(*(const char *)p)); }
 
-/* One weight row's quants (qbytes) and scales (sbytes), prefetched into L2 (l2) or non-temporally. */
-static inline void prefetch_row(const void *q, long qbytes, const void *s, long sbytes, int l2)
+/* The cache lines of [p, p + bytes), prefetched into L2 (l2) or non-temporally. */
+static inline void pf_span(const void *p, long bytes, int l2)
 {
-    if (l2) {
-        for (long o = 0; o < qbytes; o += 64) pf_t1((const char *)q + o);
-        for (long o = 0; o < sbytes; o += 64) pf_t1((const char *)s + o);
-    } else {
-        for (long o = 0; o < qbytes; o += 64) pf_nta((const char *)q + o);
-        for (long o = 0; o < sbytes; o += 64) pf_nta((const char *)s + o);
+    for (long o = 0; o < bytes; o += 64) {
+        if (l2) pf_t1((const char *)p + o);
+        else pf_nta((const char *)p + o);
     }
+}
+
+/* One weight row's quants (qbytes) and scales (sbytes), prefetched (see W_AHEAD). */
+static inline void prefetch_row(const void *q, long qbytes, const void *s, long sbytes)
+{
+    pf_span(q, qbytes, !cpu_amd);
+    pf_span(s, sbytes, !cpu_amd);
 }
 
 static inline float hsum(__m256 v) {
@@ -352,7 +355,6 @@ static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *
  * 4-token tiles, +1.20 / +1.24 with 8; over eight adapters (2 tokens a slot, the same tiles)
  * +3.35 / +3.27 against +3.28 / +3.35. Alone (one thread, a [16, 3072] call with its data in
  * cache), 4-token tiles ran at 46 GMAC/s, 8-token tiles at 49. */
-
 #ifdef __AVX512F__
 #define EXPAND_BLOCKS 8
 #else
@@ -435,7 +437,7 @@ static inline void split(long n, int t, int nt, long *lo, long *hi)
  * with the builds interleaved, 30 rounds; LoRA cost over the base in ms a step): eight adapters
  * +5.72 with the first tile only -> +5.03 over every tile (T0 hint both); one adapter +1.83 ->
  * +1.71 (noise).
- * The hint (pf_hint): into L2 (T1) on Intel CPUs, where the same setup gave eight adapters +5.03
+ * The hint: into L2 (T1) on Intel CPUs, where the same setup gave eight adapters +5.03
  * with T0 -> +4.45 with T1 (L1 is 48 KB; a call's share is up to ~540 KB); real 16-row decode
  * steps, both builds alternating step by step, 80 rounds: eight adapters -1.19 ms a step
  * (paired median), one adapter +0.30 against the base's -0.21 (noise). On AMD CPUs into L1
@@ -454,9 +456,6 @@ static inline void pf_add(pf_list *l, const void *p, long bytes)
 {
     if (bytes > 0 && l->k < PF_MAX) { l->p[l->k] = (const char *)p; l->n[l->k] = bytes; l->k++; }
 }
-
-/* Whether prefetches go into L1 (1) or L2 (0) in a call over `slots` active slots (see above). */
-static int pf_hint(long slots) { return cpu_amd() && slots > 1; }
 
 static inline void pf_some(pf_list *l, long lines, int l1)
 {
@@ -526,14 +525,13 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
     const long nblk = (N + NBLK - 1) / NBLK;
     const long ntasks = lr ? lora_shrink_tasks(nR, sp) : 0;  /* the shrink's (see fused_shrink_unit) */
     const int nc = nthreads > 0 ? nthreads : 1;
-    const int w_l2 = !cpu_amd();  /* see W_AHEAD */
     long next_unit[nc][8] __attribute__((aligned(64)));  /* each thread's range: its next shrink unit (a line each) */
     for (int i = 0; i < nc; i++) next_unit[i][0] = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         long b0, b1, k0 = 0, k1 = 0, per = 0;
-        int pf_l1 = 0;  /* prefetch into L1 or L2: see pf_hint */
+        int pf_l1 = 0;  /* prefetch into L1 or L2 (see pf_list) */
         split(nblk, t, nt, &b0, &b1);
         pf_list pf = {.k = 0, .i = 0, .off = 0};
         if (lr) {
@@ -550,13 +548,14 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             const long points = (b1 - b0) * NBLK * ((M + MAX_ROWS - 1) / MAX_ROWS);  /* (output, row tile) pairs */
             per = points ? (lines + points - 1) / points : 0;  /* lines per output and row tile */
-            pf_l1 = pf_hint(sp->U);
+            pf_l1 = cpu_amd && sp->U > 1;
         }
         /* Row tiles outside the block's outputs: a tile's x (8 rows of 576 floats: 18 KB) stays in
          * L1 for the block's 8 weight rows, which the next tile reads again from L1. With the
          * tiles inside (every output against 16 rows of x, 36 KB), x came from L2 for every
-         * output. Measured as for W_AHEAD (the 2-core EPYC): a 16-row step 6.8 ms (~13%) faster; 1 and 8 rows (one
-         * tile) unchanged. Each output is the same call either way, so results are unchanged. */
+         * output. Measured as for W_AHEAD (the 2-core EPYC): a 16-row step 6.8 ms (~13%) faster;
+         * 1 and 8 rows (one tile) unchanged. Each output is the same call either way, so results
+         * are unchanged. */
         for (long blk = b0; blk < b1; blk++) {
             const long n0 = blk * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
             for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
@@ -565,7 +564,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                     if (r0 == 0) {
                         if (per) pf_some(&pf, per, pf_l1);  /* spread over every (output, row tile) */
                         if (n + W_AHEAD < b1 * NBLK && n + W_AHEAD < N)  /* see W_AHEAD */
-                            prefetch_row(qs + (n + W_AHEAD) * (K / 2), K / 2, dm + (n + W_AHEAD) * 2 * nb, 8 * nb, w_l2);
+                            prefetch_row(qs + (n + W_AHEAD) * (K / 2), K / 2, dm + (n + W_AHEAD) * 2 * nb, 8 * nb);
                     } else if (per) {
                         pf_some(&pf, per, pf_l1);
                     }
@@ -604,20 +603,20 @@ void coe_q41_matmul(const float *x, long ldx, const uint8_t *qs, const float *dm
 
 /* The same for Q8_0 (no LoRA): qs [N, K] int8, d [N, K/32]. Each thread takes a contiguous range
  * of outputs and prefetches its weight rows W_AHEAD outputs ahead as the Q4_1 kernel does:
- * SmolLM2's Q8_0 output head (49152 x 576, 30 MB) is read once a decode step. With NTA hints: Measured (real 16-row decode steps of the engine, both builds interleaved step
- * by step, 100 rounds, the 2-core AVX-512 EPYC): the base decode step 1.11 ms (~5%) faster,
- * with one adapter 1.16, over eight 1.13. */
+ * SmolLM2's Q8_0 output head (49152 x 576, 30 MB) is read once a decode step. Measured with
+ * the NTA hint (real 16-row decode steps of the engine, both builds interleaved step by step,
+ * 100 rounds, the 2-core AVX-512 EPYC): the base decode step 1.11 ms (~5%) faster, with one
+ * adapter 1.16, over eight 1.13. */
 void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, float *y, long ldy,
                     long M, long N, long K, int nthreads)
 {
     const long nb = K / QK;
-    const int w_l2 = !cpu_amd();  /* see W_AHEAD */
 #pragma omp parallel num_threads(nthreads)
     {
         long n0, n1;
         split(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         for (long n = n0; n < n1; n++) {
-            if (n + W_AHEAD < n1) prefetch_row(qs + (n + W_AHEAD) * K, K, d + (n + W_AHEAD) * nb, 4 * nb, w_l2);
+            if (n + W_AHEAD < n1) prefetch_row(qs + (n + W_AHEAD) * K, K, d + (n + W_AHEAD) * nb, 4 * nb);
             for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 const long mt = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
                 TILE_CASES(Q80_ROW, qs + n * K, d + n * nb, x + r0 * ldx, ldx, y + r0 * ldy, ldy, n, nb)
