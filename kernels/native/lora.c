@@ -180,9 +180,8 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
      * real prompt steps (16 prompts x 32 tokens, SmolLM2, r=16 all-linear, 2-core AVX-512 EPYC,
      * the builds alternating step by step, paired medians of the step over the base's): one
      * adapter +62 / +71 / +62 ms -> +38 / +41 / +41 (12, 12, 24 rounds); 8 adapters (64 tokens
-     * each) +74 -> +65 (10 rounds). Isolated calls on hot data had shown no difference. Every
-     * output is the same FMA chain over the rank in either task shape (the scalar tail too, see
-     * expand_n), so the results are bit for bit the same. */
+     * each) +74 -> +65 (10 rounds). Every output is the same FMA chain over the rank in either
+     * task shape (the scalar tail too, see expand_n), so the results are bit for bit the same. */
     const long P = U >= sp->nthreads ? 1 : (sp->nthreads + U - 1) / U;
     const long width = ((st->d_out + P - 1) / P + 7) / 8 * 8;
     long most = 0;
