@@ -114,13 +114,13 @@ static inline void scaled_h(const float *h, long R, float sc, float *out)
     for (long r = 0; r < R; r++) out[r] = sc == 1.0f ? h[r] : h[r] * sc;
 }
 
-/* Expand task: y[tokens of active slot u, c0..c1) += scale_i * h[., slice i] @ B[slot, c0..c1) for
- * every slice i that columns c0..c1 of the concatenated slices overlap. */
-static inline void expand_task(const lora_stack *st, const lora_step *sp, long u, long c0, long c1, float *y, long ldy)
+/* Expand task: y[tokens order[q0..q1) of active slot u, c0..c1) += scale_i * h[., slice i] @
+ * B[slot, c0..c1) for every slice i that columns c0..c1 of the concatenated slices overlap. */
+static inline void expand_task(const lora_stack *st, const lora_step *sp, long u, long q0, long q1, long c0, long c1,
+                               float *y, long ldy)
 {
     const long R = st->R, nR = st->n * R, d_out = st->d_out, s = sp->seg_slot[u];
     const float *b = st->Bt + s * R * d_out;
-    const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
     long off = 0;
     for (long i = 0; i < st->n; off += st->slices[i], i++) {
         const long lo = c0 > off ? c0 : off, hi = c1 < off + st->slices[i] ? c1 : off + st->slices[i];
@@ -140,21 +140,14 @@ static inline void expand_task(const lora_stack *st, const lora_step *sp, long u
     }
 }
 
-/* Expand of one tile of up to TT tokens of active slot u (order[q0..q0+nt)), across every slice:
- * each token's whole y row in one pass, from column 0 to d_out (see coe_lora_add). */
-static inline void expand_rows(const lora_stack *st, const lora_step *sp, long u, long q0, int nt, float *y, long ldy)
+/* Tile k of the step's tiles of up to TT tokens of one slot, counted over the slots in order:
+ * its slot's index in *u, its first position in order in *q0; returns its number of tokens. */
+static inline int slot_tile(const lora_step *sp, long k, long *u, long *q0)
 {
-    const long R = st->R, nR = st->n * R, d_out = st->d_out, s = sp->seg_slot[u];
-    const float *b = st->Bt + s * R * d_out;
-    float *yt[TT];
-    for (int t = 0; t < nt; t++) yt[t] = y + (long)sp->order[q0 + t] * ldy;
-    long off = 0;
-    for (long i = 0; i < st->n; off += st->slices[i], i++) {
-        float hs[TT][64];
-        const float sc = slice_scale(st, i, s);
-        for (int t = 0; t < nt; t++) scaled_h(sp->h + (long)sp->order[q0 + t] * nR + i * R, R, sc, hs[t]);
-        expand(b, d_out, R, hs, yt, off, off + st->slices[i], nt);
-    }
+    *u = slot_of_tile(sp, TT, &k);
+    *q0 = sp->seg_start[*u] + k * TT;
+    const long left = sp->seg_start[*u] + sp->seg_count[*u] - *q0;
+    return left < TT ? (int)left : TT;
 }
 
 void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy, const float *x, long ldx)
@@ -172,7 +165,7 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
      * weights each, both builds interleaved, median of 30 paired rounds): 512 tokens +0.961 ->
      * +0.850 ms a layer over the GEMMs; 76 tokens unchanged (+0.165 / +0.159).
      * Steps where a slot has more than SHRINK_TOKENS tokens (prompts) take row tiles instead:
-     * (slot, TT tokens) tasks, each over its tokens' whole rows (expand_rows), handed out as
+     * (slot, TT tokens) tasks, each over its tokens' whole rows (columns 0..d_out), handed out as
      * they come like the SwiGLU's. In a real prompt step y has just been written by the base
      * GEMM and is no longer in L1/L2: a thread then streams its rows end to end (one run of
      * d_out floats per token) instead of re-entering every row at its own range's offset; B
@@ -184,25 +177,23 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
      * task shape (the scalar tail too, see expand_n), so the results are bit for bit the same. */
     const long P = U >= sp->nthreads ? 1 : (sp->nthreads + U - 1) / U;
     const long width = ((st->d_out + P - 1) / P + 7) / 8 * 8;
-    long most = 0;
-    for (long u = 0; u < U; u++) most = sp->seg_count[u] > most ? sp->seg_count[u] : most;
-    const long tiles = most > SHRINK_TOKENS ? lora_shrink_token_tasks(sp, TT) : 0;
+    const long tiles = lora_most_tokens(sp) > SHRINK_TOKENS ? lora_shrink_token_tasks(sp, TT) : 0;
 #pragma omp parallel num_threads((int)sp->nthreads)
     {
         lora_shrink_for(st->A, nR, d_in, x, ldx, sp);  /* ends with a barrier: h is complete */
         if (tiles) {
 #pragma omp for schedule(dynamic, 1)
             for (long k = 0; k < tiles; k++) {
-                long q = k;
-                const long u = slot_of_tile(sp, TT, &q);
-                const long q0 = sp->seg_start[u] + q * TT, qe = sp->seg_start[u] + sp->seg_count[u];
-                expand_rows(st, sp, u, q0, qe - q0 < TT ? (int)(qe - q0) : TT, y, ldy);
+                long u, q0;
+                const int nt = slot_tile(sp, k, &u, &q0);
+                expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy);
             }
         } else
 #pragma omp for schedule(static)
         for (long task = 0; task < U * P; task++) {
             const long c0 = (task % P) * width, c1 = c0 + width < st->d_out ? c0 + width : st->d_out;
-            expand_task(st, sp, task / P, c0, c1, y, ldy);
+            const long u = task / P;
+            expand_task(st, sp, u, sp->seg_start[u], sp->seg_start[u] + sp->seg_count[u], c0, c1, y, ldy);
         }
     }
 }
@@ -363,10 +354,9 @@ void coe_swiglu_lora(const float *gu, long ldg, long T, long I, float *act, long
         if (lora) {
 #pragma omp for schedule(dynamic, 1)
             for (long k = 0; k < tiles; k++) {
-                long q = k;
-                const long u = slot_of_tile(sp, TT, &q);  /* tile k's slot and its tile within it */
-                const long s = sp->seg_slot[u], q0 = sp->seg_start[u] + q * TT, qe = sp->seg_start[u] + sp->seg_count[u];
-                const int nt = qe - q0 < TT ? (int)(qe - q0) : TT;
+                long u, q0;
+                const int nt = slot_tile(sp, k, &u, &q0);
+                const long s = sp->seg_slot[u];
                 const float sg = slice_scale(st, 0, s), su = slice_scale(st, 1, s);
                 float hg[TT][64], hu[TT][64];
                 const float *gt[TT];

@@ -192,6 +192,14 @@ static inline long slot_of_tile(const lora_step *sp, long tb, long *k)
     }
 }
 
+/* The most tokens any active slot of the step has. */
+static inline long lora_most_tokens(const lora_step *sp)
+{
+    long most = 0;
+    for (long u = 0; u < sp->U; u++) most = sp->seg_count[u] > most ? sp->seg_count[u] : most;
+    return most;
+}
+
 static inline long lora_shrink_token_tasks(const lora_step *sp, long tb)
 {
     long n = 0;
@@ -213,8 +221,7 @@ static inline void lora_shrink_tokens(const void *A, long nR, long d_in, const f
  * has more than SHRINK_TOKENS tokens, else (slot, rows) tasks. */
 static inline void lora_shrink_for(const float *A, long nR, long d_in, const float *x, long ldx, const lora_step *sp)
 {
-    long most = 0;
-    for (long u = 0; u < sp->U; u++) most = sp->seg_count[u] > most ? sp->seg_count[u] : most;
+    const long most = lora_most_tokens(sp);
     if (most > SHRINK_TOKENS) {
         long tb = (most + 4 * sp->nthreads - 1) / (4 * sp->nthreads);  /* >= 4 tasks a thread for the largest slot */
         tb = tb < 8 ? 8 : (tb > SHRINK_TOKENS ? SHRINK_TOKENS : (tb + TT - 1) / TT * TT);

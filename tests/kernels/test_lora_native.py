@@ -122,9 +122,10 @@ def test_token_order_does_not_change_a_token_result():
 @pytest.mark.parametrize("slices", [(48, 16, 16), (13, 77, 30)])
 def test_prompt_sized_slots_give_each_token_its_alone_result(T, slices):
     """A slot with more than 32 tokens takes the shrink's token tasks (lora_shrink_tokens) and the
-    expand's row tiles (expand_rows), a lone token the (slot, rows) tasks and a column range per
-    thread that cuts across slices: the same sums, so every token's row is bit for bit the same,
-    also in the columns past a slice's last whole vector (the scalar tail's FMA chain)."""
+    expand's row tiles (4 tokens over whole rows), a lone token the (slot, rows) tasks and a
+    column range per thread that cuts across slices: the same sums, so every token's row is bit
+    for bit the same, also in the columns past a slice's last whole vector (the scalar tail's
+    FMA chain)."""
     slots = torch.cat([torch.zeros(T - 3, dtype=torch.long), torch.tensor([1, -1, 1])])
     p = _engine_layout(Problem(T, 2, 16, d_in=80, output_slices=slices, slots=slots, seed=T))
     y = add_lora_packed(p.y.clone(), p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
