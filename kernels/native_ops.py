@@ -39,7 +39,7 @@ SINGLE_SLOT_MAX_TOKENS = 768
 MAX_RANK = 64  # the kernel keeps a few tokens' r scaled shrink values on the stack
 MAX_SLICES = 8
 _SRC = Path(__file__).with_name("native") / "lora.c"
-_ABI = 4
+_ABI = 6
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -58,9 +58,13 @@ def _setup(lib: ctypes.CDLL) -> bool:
         return False
     lib.coe_lora_add.argtypes = [_P, _P, _P, ctypes.c_long, _P, ctypes.c_long]
     lib.coe_lora_add.restype = None
+    lib.coe_lora_add_residual.argtypes = [_P, _P, _P, ctypes.c_long, _P, ctypes.c_long, _P, ctypes.c_long]
+    lib.coe_lora_add_residual.restype = None
     _L = ctypes.c_long
     lib.coe_swiglu_lora.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _P, _L, ctypes.c_int]
     lib.coe_swiglu_lora.restype = None
+    lib.coe_rope_lora.argtypes = [_P, _L, _L, _L, _L, _P, _P, _P, _L, _P, _P, _P, _L, ctypes.c_int]
+    lib.coe_rope_lora.restype = None
     return True
 
 
@@ -142,6 +146,22 @@ def add_lora_packed(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     return y
 
 
+def add_lora_residual(res: torch.Tensor, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      meta: LoRAMeta, scale: float | torch.Tensor, output_slices: tuple[int, ...]) -> torch.Tensor:
+    """``res + add_lora_packed(y, x, ...)`` written into ``y`` (and returned): a projection's
+    LoRA delta and the residual add that follows it in one pass over ``y`` (``coe_lora_add_residual``
+    in ``native/lora.c``), bit for bit what the two give one after the other. ``res`` is [T,
+    d_out] float32 with unit column stride. The caller checks :func:`covers`.
+
+    Why: in a prompt step the base GEMM has just written ``y`` and it is out of the cores' L1/L2;
+    the expand's read and write of it and then the residual add's read were two passes where one
+    does (see ``kernels/README.md`` for the measured steps)."""
+    _, ref, _ = _stack(A, B, scale, output_slices)
+    library().coe_lora_add_residual(ref, step_descriptor(meta, A.shape[1]), y.data_ptr(), y.stride(0), x.data_ptr(),
+                                    x.stride(0), res.data_ptr(), res.stride(0))
+    return y
+
+
 def _step_fits(y: torch.Tensor, x: torch.Tensor, meta: LoRAMeta) -> bool:
     """The per-call half of :func:`covers` (the stack's half is cached by ``_stack``)."""
     return (meta.num_tokens <= MAX_TOKENS
@@ -184,6 +204,34 @@ def swiglu(gu: torch.Tensor, lora: tuple | None = None) -> torch.Tensor:
     lib.coe_swiglu_lora(gu.data_ptr(), gu.stride(0), T, I, act.data_ptr(), I, ref, step_descriptor(meta, A.shape[1]),
                         x.data_ptr(), x.stride(0), torch.get_num_threads())
     return act
+
+
+def rope(y: torch.Tensor, n_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+         lora: tuple | None = None) -> torch.Tensor:
+    """Rotary embedding of the first ``n_heads`` heads of each row of ``y`` (the stacked q/k/v
+    output, [T, >= n_heads * head_dim] float32 on the CPU, unit column stride) -> a new [T,
+    n_heads * head_dim]: ``q * cos + rotate_half(q) * sin`` per head, with ``cos`` and ``sin``
+    [T, head_dim] contiguous and ``sin``'s first half negated (the engine's tables), rounded as
+    torch's ``q * cos`` plus ``roll(q) * sin`` (two products, then their sum). With ``lora`` =
+    (x, A, B, meta, scale, output_slices), ``y`` first gets its q/k/v LoRA deltas in place, as
+    :func:`add_lora_packed` adds them (bit for bit), in the same pass (``coe_rope_lora`` in
+    ``native/lora.c``). The caller checks :func:`library` and, with a LoRA, :func:`covers`.
+
+    Why in C: torch's rotation is four passes over q/k and three temporaries (and four
+    dispatches per layer in a decode step); with a LoRA its expand is one more read and write of
+    ``y`` (measured in ``kernels/README.md``)."""
+    T = y.shape[0]
+    qk = torch.empty(T, n_heads * head_dim, dtype=y.dtype)
+    lib = library()
+    if lora is None:
+        lib.coe_rope_lora(y.data_ptr(), y.stride(0), T, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(),
+                          qk.stride(0), None, None, None, 0, torch.get_num_threads())
+        return qk
+    x, A, B, meta, scale, output_slices = lora
+    _, ref, _ = _stack(A, B, scale, output_slices)
+    lib.coe_rope_lora(y.data_ptr(), y.stride(0), T, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(),
+                      qk.stride(0), ref, step_descriptor(meta, A.shape[1]), x.data_ptr(), x.stride(0), torch.get_num_threads())
+    return qk
 
 
 def add_lora(y, x, A, B, meta, scale) -> torch.Tensor:

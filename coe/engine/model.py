@@ -231,6 +231,11 @@ PEFT_ORDER_PROMPTS = True
 # prompt's activation 0.31 -> 0.23 ms a layer, with one adapter's gate/up LoRA 0.83 -> 0.42; a
 # 16-row decode step's 11.6 -> 5.4 us (two torch ops and their dispatch -> one call).
 NATIVE_SWIGLU = True
+# RoPE in C (native_ops.rope) where the C kernels run, with q/k/v's LoRA expand in the same pass
+# on steps whose LoRA runs in kernels' C backend; and o's and down's LoRA expand in the residual
+# add's pass (native_ops.add_lora_residual). Flags so that a benchmark can compare both ways.
+NATIVE_ROPE = True
+LORA_RESIDUAL = True
 # The largest finite float16 (65504): LoRAStack.A_half and B_panels hold A and B in float16.
 F16_MAX = float(torch.finfo(torch.float16).max)
 # Decode batches of at least this many rows compute attention with plain matmuls on a CPU.
@@ -785,8 +790,9 @@ class Transformer:
                 dense = (lo, k)
         Bd = batch.num_decode
         # Step-level work, shared by every layer.
-        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.rope_sin[batch.positions].unsqueeze(1)
+        cos_rows = self.rope_cos[batch.positions]  # [T, D]
+        sin_rows = self.rope_sin[batch.positions]
+        cos, sin = cos_rows.unsqueeze(1), sin_rows.unsqueeze(1)  # [T, 1, D]
         kv_index = [batch.kv_slots, None, batch.positions]  # cache[slot_t, :, pos_t] = k_t
         if Bd:
             Ld = batch.decode_len
@@ -810,12 +816,13 @@ class Transformer:
                  and self.layers[0].wqkv_q is not None
                  and self._unfused_slots.isdisjoint(meta.active_slots_host) else None)
         NQK = H + K
-        half = D // 2
         I = a.intermediate_size
         # SwiGLU in C (native_ops.swiglu) wherever the C kernels run: every CPU float32 step;
         # with gate/up's LoRA inside it where that LoRA is not fused into the block kernel and
         # runs in kernels' C backend (prompt and mixed steps).
         native_act = self._native_swiglu
+        native_rope = native_act and NATIVE_ROPE
+        lora_residual = native_act and LORA_RESIDUAL
         swiglu_lora = native_act and use_lora and lora_backend is None
 
         x = self.head.embed(batch.token_ids) if self.tok_embeddings is None else F.embedding(batch.token_ids, self.tok_embeddings)
@@ -824,14 +831,20 @@ class Transformer:
             lmask = groups[li] if use_lora else 0
             # ---- attention
             h = _rms_norm(x, layer.attn_norm, eps, dim)
-            if lmask & 1:
-                qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, lora["qkv"], meta, dense, layer.wqkv_q, lora_backend, fused, layer.wqkv_p)
+            st = lora["qkv"]
+            if lmask & 1 and native_rope and lora_backend is None and dense is None and not self._fuses(st, layer.wqkv_q, fused):
+                # the LoRA's expand and the rotation in one C pass (native_ops.rope), else apart
+                qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)
+                if native_ops.covers(qkv, h, st.A, st.B, meta, st.kernel_scale, st.output_slices):
+                    qk = native_ops.rope(qkv, NQK, D, cos_rows, sin_rows, (h, st.A, st.B, meta, st.kernel_scale, st.output_slices))
+                else:
+                    qk = self._rope(add_lora_packed(qkv, h, st.A, st.B, meta, st.kernel_scale, st.output_slices), NQK, D, cos_rows, sin_rows, cos, sin, True)
             else:
-                qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)  # [T, (H+2K)*D]
-            # RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers does.
-            qk = qkv[:, : q_size + kv_size].view(T, NQK, D)
-            rot = qk.roll(half, -1).mul_(sin)  # [x2, x1] * [-sin, sin] == rotate_half(qk) * sin
-            qk = (qk * cos).add_(rot).view(T, NQK * D)
+                if lmask & 1:
+                    qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, st, meta, dense, layer.wqkv_q, lora_backend, fused, layer.wqkv_p)
+                else:
+                    qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)  # [T, (H+2K)*D]
+                qk = self._rope(qkv, NQK, D, cos_rows, sin_rows, cos, sin, native_rope)
             k = qk[:, q_size:].view(T, K, D)
             v = qkv[:, q_size + kv_size :].view(T, K, D)
             kc, vc = k_cache[li], v_cache[li]
@@ -854,10 +867,10 @@ class Transformer:
                         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, enable_gqa=G > 1)
                     attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
             if lmask & 2:
-                o = self._lora_proj(attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q, lora_backend, fused, layer.wo_p)
+                x = self._lora_proj_residual(x, attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q,
+                                             lora_backend, fused, layer.wo_p, lora_residual)
             else:
-                o = _proj(attn, layer.wo_t, layer.wo_c, layer.bo, layer.wo_q, layer.wo_p)
-            x = x + o
+                x = x + _proj(attn, layer.wo_t, layer.wo_c, layer.bo, layer.wo_q, layer.wo_p)
             # ---- feed-forward (SwiGLU)
             h = _rms_norm(x, layer.ffn_norm, eps, dim)
             if lmask & 4 and swiglu_lora and not self._fuses(lora["gate_up"], layer.w13_q, fused):
@@ -874,15 +887,46 @@ class Transformer:
                     g, u = gu.view(T, 2, I).unbind(1)
                     act = F.silu(g).mul_(u)
             if lmask & 8:
-                d = self._lora_proj(act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q, lora_backend, fused, layer.w2_p)
+                x = self._lora_proj_residual(x, act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q,
+                                             lora_backend, fused, layer.w2_p, lora_residual)
             else:
-                d = _proj(act, layer.w2_t, layer.w2_c, layer.b2, layer.w2_q, layer.w2_p)
-            x = x + d
+                x = x + _proj(act, layer.w2_t, layer.w2_c, layer.b2, layer.w2_q, layer.w2_p)
 
         if batch.logit_rows.shape[0] != T:
             x = x.index_select(0, batch.logit_rows)
         x = _rms_norm(x, self.norm, eps, dim)
         return self.head.logits(x).float()
+
+    @staticmethod
+    def _rope(qkv: torch.Tensor, nqk: int, D: int, cos_rows: torch.Tensor, sin_rows: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, native: bool) -> torch.Tensor:
+        """RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers
+        does -> [T, nqk * D]. In C where the C kernels run (``native_ops.rope``: one pass, bit for
+        bit these torch ops; a decode step's four dispatches a layer become one call), else torch."""
+        if native and qkv.stride(1) == 1:
+            return native_ops.rope(qkv, nqk, D, cos_rows, sin_rows)
+        T = qkv.shape[0]
+        qk = qkv[:, : nqk * D].view(T, nqk, D)
+        rot = qk.roll(D // 2, -1).mul_(sin)  # [x2, x1] * [-sin, sin] == rotate_half(qk) * sin
+        return (qk * cos).add_(rot).view(T, nqk * D)
+
+    @classmethod
+    def _lora_proj_residual(cls, res: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None,
+                            b: torch.Tensor | None, st: LoRAStack, meta: LoRAMeta, dense: tuple[int, int] | None,
+                            w_q: BlockWeight | None, backend: str | None, fused: Any, w_p: Any,
+                            native: bool) -> torch.Tensor:
+        """``res + _lora_proj(x, ...)``: a projection that only feeds the residual stream (o, down).
+        Where the LoRA runs in kernels' C backend (``native``, no forced ``backend``, not fused into
+        the block kernel nor dense), the delta and the residual add are one C pass over the
+        projection's output (``native_ops.add_lora_residual``), bit for bit the same sum: in a
+        512-token prompt step the output has just left the cores' caches, and the expand then the
+        add read it twice (measured in ``kernels/README.md``)."""
+        if native and backend is None and dense is None and not cls._fuses(st, w_q, fused):
+            y = _proj(x, w_t, w_c, b, w_q, w_p)
+            if native_ops.covers(y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices) and res.stride(1) == 1:
+                return native_ops.add_lora_residual(res, y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
+            return res + add_lora_packed(y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
+        return res + cls._lora_proj(x, w_t, w_c, b, st, meta, dense, w_q, backend, fused, w_p)
 
     @staticmethod
     def _swiglu_lora(gu: torch.Tensor, h: torch.Tensor, st: LoRAStack, meta: LoRAMeta) -> torch.Tensor:

@@ -37,7 +37,8 @@ typedef struct {            /* one stacked projection's LoRA weights (cached per
  * (fmaf), not a multiply then an add (which differed in the last bit from the vector lanes, so
  * the columns a range's tail covered depended on how the columns were cut). */
 static inline __attribute__((always_inline)) void expand_n(const float *b, long d_out, long R, float hs[][64],
-                                                           float *const *yt, long c0, long c1, const int nt) {
+                                                           float *const *yt, const float *const *rt, long c0, long c1,
+                                                           const int nt) {
     long col = c0;
 #ifdef __AVX512F__
     /* with AVX-512 (see kernels.native): 2 vectors of 16 columns, the same FMAs per output */
@@ -52,10 +53,12 @@ static inline __attribute__((always_inline)) void expand_n(const float *b, long 
                 acc[t][1] = _mm512_fmadd_ps(hv, b1, acc[t][1]);
             }
         }
-        for (int t = 0; t < nt; t++) {
-            _mm512_storeu_ps(yt[t] + col, _mm512_add_ps(_mm512_loadu_ps(yt[t] + col), acc[t][0]));
-            _mm512_storeu_ps(yt[t] + col + 16, _mm512_add_ps(_mm512_loadu_ps(yt[t] + col + 16), acc[t][1]));
-        }
+        for (int t = 0; t < nt; t++)
+            for (int v = 0; v < 2; v++) {
+                __m512 o = _mm512_add_ps(_mm512_loadu_ps(yt[t] + col + 16 * v), acc[t][v]);
+                if (rt) o = _mm512_add_ps(_mm512_loadu_ps(rt[t] + col + 16 * v), o);
+                _mm512_storeu_ps(yt[t] + col + 16 * v, o);
+            }
     }
 #endif
     for (; col + 16 <= c1; col += 16) {
@@ -69,10 +72,12 @@ static inline __attribute__((always_inline)) void expand_n(const float *b, long 
                 acc[t][1] = _mm256_fmadd_ps(hv, b1, acc[t][1]);
             }
         }
-        for (int t = 0; t < nt; t++) {
-            _mm256_storeu_ps(yt[t] + col, _mm256_add_ps(_mm256_loadu_ps(yt[t] + col), acc[t][0]));
-            _mm256_storeu_ps(yt[t] + col + 8, _mm256_add_ps(_mm256_loadu_ps(yt[t] + col + 8), acc[t][1]));
-        }
+        for (int t = 0; t < nt; t++)
+            for (int v = 0; v < 2; v++) {
+                __m256 o = _mm256_add_ps(_mm256_loadu_ps(yt[t] + col + 8 * v), acc[t][v]);
+                if (rt) o = _mm256_add_ps(_mm256_loadu_ps(rt[t] + col + 8 * v), o);
+                _mm256_storeu_ps(yt[t] + col + 8 * v, o);
+            }
     }
     for (; col + 8 <= c1; col += 8) {
         __m256 acc[TT];
@@ -81,24 +86,28 @@ static inline __attribute__((always_inline)) void expand_n(const float *b, long 
             const __m256 bv = _mm256_loadu_ps(b + r * d_out + col);
             for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&hs[t][r]), bv, acc[t]);
         }
-        for (int t = 0; t < nt; t++)
-            _mm256_storeu_ps(yt[t] + col, _mm256_add_ps(_mm256_loadu_ps(yt[t] + col), acc[t]));
+        for (int t = 0; t < nt; t++) {
+            __m256 o = _mm256_add_ps(_mm256_loadu_ps(yt[t] + col), acc[t]);
+            if (rt) o = _mm256_add_ps(_mm256_loadu_ps(rt[t] + col), o);
+            _mm256_storeu_ps(yt[t] + col, o);
+        }
     }
     for (; col < c1; col++) {
         for (int t = 0; t < nt; t++) {
             float acc = 0.0f;
             for (long r = 0; r < R; r++) acc = fmaf(hs[t][r], b[r * d_out + col], acc);  /* as the vector lanes: one FMA chain */
-            yt[t][col] += acc;
+            yt[t][col] = rt ? rt[t][col] + (yt[t][col] + acc) : yt[t][col] + acc;
         }
     }
 }
 
-static void expand(const float *b, long d_out, long R, float hs[][64], float *const *yt, long c0, long c1, int nt) {
+static void expand(const float *b, long d_out, long R, float hs[][64], float *const *yt, const float *const *rt,
+                   long c0, long c1, int nt) {
     switch (nt) {
-    case 4: expand_n(b, d_out, R, hs, yt, c0, c1, 4); break;
-    case 3: expand_n(b, d_out, R, hs, yt, c0, c1, 3); break;
-    case 2: expand_n(b, d_out, R, hs, yt, c0, c1, 2); break;
-    default: expand_n(b, d_out, R, hs, yt, c0, c1, 1); break;
+    case 4: expand_n(b, d_out, R, hs, yt, rt, c0, c1, 4); break;
+    case 3: expand_n(b, d_out, R, hs, yt, rt, c0, c1, 3); break;
+    case 2: expand_n(b, d_out, R, hs, yt, rt, c0, c1, 2); break;
+    default: expand_n(b, d_out, R, hs, yt, rt, c0, c1, 1); break;
     }
 }
 
@@ -115,9 +124,10 @@ static inline void scaled_h(const float *h, long R, float sc, float *out)
 }
 
 /* Expand task: y[tokens order[q0..q1) of active slot u, c0..c1) += scale_i * h[., slice i] @
- * B[slot, c0..c1) for every slice i that columns c0..c1 of the concatenated slices overlap. */
+ * B[slot, c0..c1) for every slice i that columns c0..c1 of the concatenated slices overlap;
+ * with res (not NULL), y = res + (y + that) instead: a residual add in the same pass. */
 static inline void expand_task(const lora_stack *st, const lora_step *sp, long u, long q0, long q1, long c0, long c1,
-                               float *y, long ldy)
+                               float *y, long ldy, const float *res, long ldr)
 {
     const long R = st->R, nR = st->n * R, d_out = st->d_out, s = sp->seg_slot[u];
     const float *b = st->Bt + s * R * d_out;
@@ -130,12 +140,14 @@ static inline void expand_task(const lora_stack *st, const lora_step *sp, long u
             const int nt = q1 - q < TT ? (int)(q1 - q) : TT;
             float hs[TT][64];
             float *yt[TT];
+            const float *rt[TT];
             for (int t = 0; t < nt; t++) {
                 const long tok = sp->order[q + t];
                 scaled_h(sp->h + tok * nR + i * R, R, sc, hs[t]);
                 yt[t] = y + tok * ldy;
+                rt[t] = res ? res + tok * ldr : NULL;
             }
-            expand(b, d_out, R, hs, yt, lo, hi, nt);
+            expand(b, d_out, R, hs, yt, res ? rt : NULL, lo, hi, nt);
         }
     }
 }
@@ -186,14 +198,14 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
             for (long k = 0; k < tiles; k++) {
                 long u, q0;
                 const int nt = slot_tile(sp, k, &u, &q0);
-                expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy);
+                expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy, NULL, 0);
             }
         } else
 #pragma omp for schedule(static)
         for (long task = 0; task < U * P; task++) {
             const long c0 = (task % P) * width, c1 = c0 + width < st->d_out ? c0 + width : st->d_out;
             const long u = task / P;
-            expand_task(st, sp, u, sp->seg_start[u], sp->seg_start[u] + sp->seg_count[u], c0, c1, y, ldy);
+            expand_task(st, sp, u, sp->seg_start[u], sp->seg_start[u] + sp->seg_count[u], c0, c1, y, ldy, NULL, 0);
         }
     }
 }
@@ -380,4 +392,118 @@ void coe_swiglu_lora(const float *gu, long ldg, long T, long I, float *act, long
     }
 }
 
-int coe_lora_abi(void) { return 4; }
+/* y = res + (y + delta): coe_lora_add and then the residual add (res + y, as torch's `x + o`
+ * rounds it) in one pass over y, for a projection whose output only feeds the residual stream
+ * (o and down). Rows without a slot get res + y. Every task is a row tile over whole rows
+ * (slot, TT tokens), as coe_lora_add's prompt steps use, whatever the step's size.
+ * Why: in a prompt step coe_lora_add's expand reads and writes y (just written by the base GEMM,
+ * out of L1/L2), and the residual add then reads it again; here the expand's store is the
+ * residual add's. The results are bit for bit those of coe_lora_add then res + y. */
+void coe_lora_add_residual(const lora_stack *st, const lora_step *sp, float *y, long ldy, const float *x, long ldx,
+                           const float *res, long ldr)
+{
+    const long nR = st->n * st->R, d_in = st->d_in, T = sp->T, d_out = st->d_out;
+    const long tiles = lora_shrink_token_tasks(sp, TT);
+#pragma omp parallel num_threads((int)sp->nthreads)
+    {
+        lora_shrink_for(st->A, nR, d_in, x, ldx, sp);  /* ends with a barrier: h is complete */
+#pragma omp for schedule(static) nowait
+        for (long t = 0; t < T; t++) {  /* tokens without a slot: the residual add alone */
+            if (sp->row_slot[t] >= 0) continue;
+            float *yr = y + t * ldy;
+            const float *rr = res + t * ldr;
+            long c = 0;
+            for (; c + 8 <= d_out; c += 8)
+                _mm256_storeu_ps(yr + c, _mm256_add_ps(_mm256_loadu_ps(rr + c), _mm256_loadu_ps(yr + c)));
+            for (; c < d_out; c++) yr[c] = rr[c] + yr[c];
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (long k = 0; k < tiles; k++) {
+            long u, q0;
+            const int nt = slot_tile(sp, k, &u, &q0);
+            expand_task(st, sp, u, q0, q0 + nt, 0, d_out, y, ldy, res, ldr);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- RoPE (with q/k/v's LoRA)
+ *
+ * qk[t, j*D + d] = y[t, j*D + d] * cos[t, d] + y[t, j*D + partner(d)] * sin[t, d] for the nqk
+ * heads of q and k at the start of each row of y (the stacked q/k/v output), partner(d) = d +
+ * D/2 for d < D/2 else d - D/2, and sin's first half negated (the engine's rope_sin): transformers'
+ * q * cos + rotate_half(q) * sin, rounded as torch rounds it (two products, then their sum; kept
+ * apart from an FMA by `opaque`). With st/sp (not NULL), y first gets each token's q/k/v LoRA
+ * delta as coe_lora_add adds it (bit for bit), in row tiles (slot, TT tokens) that then rotate
+ * the same rows while they are in L1: v keeps its delta in y, q and k go to qk.
+ * Why: in torch the rotation is four passes over q/k (roll, two products, a sum) and three
+ * temporaries, and with a LoRA the expand a read and a write of y before them (y has just been
+ * written by the base GEMM and is out of L1/L2 in a prompt step); a decode step paid the four
+ * ops' dispatch 30 times. */
+#ifdef __AVX512F__
+static inline __m512 opaque512(__m512 v) { __asm__("" : "+v"(v)); return v; }
+#endif
+static inline __m256 opaque256(__m256 v) { __asm__("" : "+x"(v)); return v; }
+static inline float opaque1(float v) { __asm__("" : "+x"(v)); return v; }
+
+static inline void rope_row(const float *y, const float *c, const float *sn, float *out, long nqk, long D)
+{
+    const long half = D / 2;
+    for (long j = 0; j < nqk; j++) {
+        const float *yh = y + j * D;
+        float *oh = out + j * D;
+        long d = 0;
+#ifdef __AVX512F__
+        if (half % 16 == 0)
+            for (; d < D; d += 16) {
+                const long pd = d < half ? d + half : d - half;
+                const __m512 a = opaque512(_mm512_mul_ps(_mm512_loadu_ps(yh + d), _mm512_loadu_ps(c + d)));
+                const __m512 b = opaque512(_mm512_mul_ps(_mm512_loadu_ps(yh + pd), _mm512_loadu_ps(sn + d)));
+                _mm512_storeu_ps(oh + d, _mm512_add_ps(a, b));
+            }
+#endif
+        if (half % 8 == 0)
+            for (; d < D; d += 8) {
+                const long pd = d < half ? d + half : d - half;
+                const __m256 a = opaque256(_mm256_mul_ps(_mm256_loadu_ps(yh + d), _mm256_loadu_ps(c + d)));
+                const __m256 b = opaque256(_mm256_mul_ps(_mm256_loadu_ps(yh + pd), _mm256_loadu_ps(sn + d)));
+                _mm256_storeu_ps(oh + d, _mm256_add_ps(a, b));
+            }
+        for (; d < D; d++) {
+            const long pd = d < half ? d + half : d - half;
+            oh[d] = opaque1(yh[d] * c[d]) + opaque1(yh[pd] * sn[d]);
+        }
+    }
+}
+
+/* qk [T, nqk*D] (row stride ldq) from y [T, >= nqk*D] (row stride ldy), cos/sin [T, D] (the
+ * step's rows of the tables); st/sp/x: the q/k/v LoRA and its input, or NULL. */
+void coe_rope_lora(float *y, long ldy, long T, long nqk, long D, const float *cos_t, const float *sin_t, float *qk,
+                   long ldq, const lora_stack *st, const lora_step *sp, const float *x, long ldx, int nthreads)
+{
+    const int lora = st != NULL && sp != NULL && sp->U > 0;
+    const long tiles = lora ? lora_shrink_token_tasks(sp, TT) : 0;
+    /* a decode step's rotation (16 rows of SmolLM2: 12K products) is done before a second
+     * thread would be awake: one thread below 64K products */
+    const int nth = lora ? (int)sp->nthreads : (T * nqk * D >= 65536 ? nthreads : 1);
+#pragma omp parallel num_threads(nth)
+    {
+        if (lora) lora_shrink_for(st->A, st->n * st->R, st->d_in, x, ldx, sp);  /* ends with a barrier */
+#pragma omp for schedule(static) nowait
+        for (long t = 0; t < T; t++)
+            if (!lora || sp->row_slot[t] < 0) rope_row(y + t * ldy, cos_t + t * D, sin_t + t * D, qk + t * ldq, nqk, D);
+        if (lora) {
+#pragma omp for schedule(dynamic, 1)
+            for (long k = 0; k < tiles; k++) {
+                long u, q0;
+                const int nt = slot_tile(sp, k, &u, &q0);
+                expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy, NULL, 0);
+                for (int i = 0; i < nt; i++) {
+                    const long t = sp->order[q0 + i];
+                    rope_row(y + t * ldy, cos_t + t * D, sin_t + t * D, qk + t * ldq, nqk, D);
+                }
+            }
+        }
+    }
+}
+
+int coe_lora_abi(void) { return 6; }

@@ -210,3 +210,79 @@ def test_swiglu_token_result_does_not_depend_on_the_batch():
         one = LoRAMeta.build(slots[t : t + 1], 3)
         alone = native_ops.swiglu(p.y[t : t + 1].clone(), (p.x[t : t + 1].clone(), p.A, p.B, one, p.scale))
         assert torch.equal(alone[0], full[t]), t
+
+
+@pytest.mark.parametrize("T", [1, 9, 40, 100])
+@pytest.mark.parametrize("pattern", ["none", "one", "many", "skewed"])
+@pytest.mark.parametrize("slices", [(96,), (13, 77, 30)])
+def test_lora_with_the_residual_add_is_add_then_residual(T, pattern, slices):
+    """``add_lora_residual``: y = res + (y + delta) in one pass, bit for bit ``res + add_lora_packed``
+    (also rows without a slot, scalar tails past a slice's last vector, per-slice scales), and
+    the same result for a token alone as in the batch."""
+    slots = slot_pattern(pattern, T, 5, seed=T)
+    p = _engine_layout(Problem(T, 5, 16, d_in=72, output_slices=slices, slots=slots, scale="slice", seed=T + 3))
+    meta = LoRAMeta.build(slots, 5)
+    assert native_ops.covers(p.y, p.x, p.A, p.B, meta, p.scale, p.output_slices)
+    res = torch.randn(T, sum(slices), generator=torch.Generator().manual_seed(T))
+    want = res + add_lora_packed(p.y.clone(), p.x, p.A, p.B, slots, p.scale, p.output_slices, backend="native")
+    y = p.y.clone()
+    assert native_ops.add_lora_residual(res, y, p.x, p.A, p.B, meta, p.scale, p.output_slices) is y
+    assert torch.equal(y, want)
+    torch.testing.assert_close(y.double(), res.double() + p.expected(), rtol=1e-5, atol=1e-5)
+    for t in {0, T // 2, T - 1}:
+        one = LoRAMeta.build(slots[t:t + 1], 5)
+        alone = native_ops.add_lora_residual(res[t:t + 1], p.y[t:t + 1].clone(), p.x[t:t + 1], p.A, p.B, one, p.scale,
+                                             p.output_slices)
+        assert torch.equal(alone[0], y[t]), t
+
+
+def _torch_rope(y: torch.Tensor, nqk: int, D: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The engine's torch rotation (coe.engine.model): qk * cos + roll(qk, D/2) * sin."""
+    T = y.shape[0]
+    qk = y[:, : nqk * D].view(T, nqk, D)
+    rot = qk.roll(D // 2, -1).mul_(sin.unsqueeze(1))
+    return (qk * cos.unsqueeze(1)).add_(rot).view(T, nqk * D)
+
+
+def _rope_tables(T: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    angle = torch.rand(T, D // 2, generator=gen) * 100
+    emb = torch.cat([angle, angle], -1)
+    sin = emb.sin()
+    return emb.cos(), torch.cat([-sin[:, : D // 2], sin[:, D // 2:]], -1)
+
+
+@pytest.mark.parametrize("T", [1, 5, 40])
+@pytest.mark.parametrize("D", [64, 48, 20])
+def test_rope_is_torchs_rotation_bit_for_bit(T, D):
+    """``native_ops.rope``: the vector widths that divide D/2 (16, 8) and the scalar tail all round
+    as torch's two products and their sum (no fused multiply-add); v's heads are left alone."""
+    nqk, nv = 5, 2
+    y = torch.randn(T, (nqk + nv) * D, generator=torch.Generator().manual_seed(T + D))
+    before = y.clone()
+    cos, sin = _rope_tables(T, D, T)
+    got = native_ops.rope(y, nqk, D, cos, sin)
+    assert torch.equal(got, _torch_rope(y, nqk, D, cos, sin))
+    assert torch.equal(y, before)
+
+
+@pytest.mark.parametrize("T", [1, 9, 40, 100])
+@pytest.mark.parametrize("pattern", ["none", "one", "many", "skewed"])
+def test_rope_with_qkv_lora_is_add_then_rope(T, pattern):
+    """``rope`` with the q/k/v LoRA: y gets exactly ``add_lora_packed``'s deltas (v's too) and
+    q/k are rotated from them, bit for bit; a token alone gives the same row."""
+    D, nqk, slices = 32, 6, (128, 64, 64)
+    slots = slot_pattern(pattern, T, 5, seed=T)
+    p = _engine_layout(Problem(T, 5, 16, d_in=40, output_slices=slices, slots=slots, scale="slice", seed=T + 7))
+    meta = LoRAMeta.build(slots, 5)
+    cos, sin = _rope_tables(T, D, T)
+    want_y = add_lora_packed(p.y.clone(), p.x, p.A, p.B, slots, p.scale, slices, backend="native")
+    y = p.y.clone()
+    got = native_ops.rope(y, nqk, D, cos, sin, (p.x, p.A, p.B, meta, p.scale, slices))
+    assert torch.equal(y, want_y)
+    assert torch.equal(got, _torch_rope(want_y, nqk, D, cos, sin))
+    t = T // 2
+    alone_y = p.y[t:t + 1].clone()
+    alone = native_ops.rope(alone_y, nqk, D, cos[t:t + 1], sin[t:t + 1],
+                            (p.x[t:t + 1], p.A, p.B, LoRAMeta.build(slots[t:t + 1], 5), p.scale, slices))
+    assert torch.equal(alone[0], got[t]) and torch.equal(alone_y[0], y[t])
