@@ -46,6 +46,28 @@ static inline __attribute__((always_inline)) __m512 a_load16(const void *a, long
                 : _mm512_loadu_ps((const float *)a + c);
 }
 
+/* The 16 sums of a 4 x 4 tile's accumulators (acc[j][i]) at once: red[4 i + j] is exactly
+ * _mm512_reduce_add_ps(acc[j][i]), the same pairs added in the same tree (lanes l + l+8, then
+ * l + l+4, l + l+2, l + l+1), but each level adds two accumulators' lanes in one vector: 15 adds
+ * and 30 shuffles for the tile where 16 separate reductions take 64 adds and as many
+ * extract/shuffle steps. */
+static inline __attribute__((always_inline)) void reduce_tile16(__m512 acc[4][TT], float red[16]) {
+    __m512 w[8], z[4], v[2];
+    for (int m = 0; m < 8; m++) {  /* level 1: accumulators 2m, 2m+1 (a = 4 j + i) */
+        const __m512 p = acc[(2 * m) / 4][(2 * m) % 4], q = acc[(2 * m + 1) / 4][(2 * m + 1) % 4];
+        w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(p, q, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(p, q, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    for (int n = 0; n < 4; n++)  /* level 2: quarter c of z[n] holds accumulator 4n + c */
+        z[n] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * n], w[2 * n + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * n], w[2 * n + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int p = 0; p < 2; p++)  /* level 3: quarter c of v[p] holds accumulators 8p + c, 8p + 4 + c */
+        v[p] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * p], z[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(z[2 * p], z[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* level 4: lane 4c + j holds accumulator 4j + c, i.e. row j against token c */
+    _mm512_storeu_ps(red, _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(3, 1, 3, 1))));
+}
+
 static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
                                                             float out[][TT], const int NJ, const int NT, const int HALF) {
     __m512 acc[4][TT];
@@ -60,9 +82,11 @@ static inline __attribute__((always_inline)) void dots_tile(const void *const *a
             for (int j = 0; j < NJ; j++) acc[j][i] = _mm512_fmadd_ps(av[j], xv, acc[j][i]);
         }
     }
+    float red[16];
+    if (NJ == 4 && NT == 4) reduce_tile16(acc, red);
     for (int j = 0; j < NJ; j++)
         for (int i = 0; i < NT; i++) {
-            float r = _mm512_reduce_add_ps(acc[j][i]);
+            float r = NJ == 4 && NT == 4 ? red[4 * i + j] : _mm512_reduce_add_ps(acc[j][i]);
             for (long q = c; q < k; q++) r += a_at(a[j], q, HALF) * xs[i][q];
             out[j][i] = r;
         }
