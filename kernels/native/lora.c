@@ -162,6 +162,32 @@ static inline int slot_tile(const lora_step *sp, long k, long *u, long *q0)
     return left < TT ? (int)left : TT;
 }
 
+typedef struct {            /* a rotation to apply to rows as their expand finishes (coe_rope_lora) */
+    const float *cos_t, *sin_t;  /* [T, D] */
+    float *qk;
+    long ldq, nqk, D;
+} rope_args;
+
+static inline void rope_row(const float *y, const float *c, const float *sn, float *out, long nqk, long D);
+
+/* The step's row tiles (slot, TT tokens, whole rows) as an orphaned `omp for`, handed out as
+ * they come: each tile's expand (with res: y = res + (y + delta) in the same store), then, with
+ * rp, the rotation of its rows while they are in L1. */
+static inline void expand_row_tiles_for(const lora_stack *st, const lora_step *sp, float *y, long ldy,
+                                        const float *res, long ldr, const rope_args *rp)
+{
+#pragma omp for schedule(dynamic, 1)
+    for (long k = 0; k < lora_shrink_token_tasks(sp, TT); k++) {
+        long u, q0;
+        const int nt = slot_tile(sp, k, &u, &q0);
+        expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy, res, ldr);
+        for (int i = 0; rp && i < nt; i++) {
+            const long t = sp->order[q0 + i];
+            rope_row(y + t * ldy, rp->cos_t + t * rp->D, rp->sin_t + t * rp->D, rp->qk + t * rp->ldq, rp->nqk, rp->D);
+        }
+    }
+}
+
 void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy, const float *x, long ldx)
 {
     const long nR = st->n * st->R, d_in = st->d_in, U = sp->U;
@@ -189,18 +215,13 @@ void coe_lora_add(const lora_stack *st, const lora_step *sp, float *y, long ldy,
      * task shape (the scalar tail too, see expand_n), so the results are bit for bit the same. */
     const long P = U >= sp->nthreads ? 1 : (sp->nthreads + U - 1) / U;
     const long width = ((st->d_out + P - 1) / P + 7) / 8 * 8;
-    const long tiles = lora_most_tokens(sp) > SHRINK_TOKENS ? lora_shrink_token_tasks(sp, TT) : 0;
+    const int tiles = lora_most_tokens(sp) > SHRINK_TOKENS;
 #pragma omp parallel num_threads((int)sp->nthreads)
     {
         lora_shrink_for(st->A, nR, d_in, x, ldx, sp);  /* ends with a barrier: h is complete */
-        if (tiles) {
-#pragma omp for schedule(dynamic, 1)
-            for (long k = 0; k < tiles; k++) {
-                long u, q0;
-                const int nt = slot_tile(sp, k, &u, &q0);
-                expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy, NULL, 0);
-            }
-        } else
+        if (tiles)
+            expand_row_tiles_for(st, sp, y, ldy, NULL, 0, NULL);
+        else
 #pragma omp for schedule(static)
         for (long task = 0; task < U * P; task++) {
             const long c0 = (task % P) * width, c1 = c0 + width < st->d_out ? c0 + width : st->d_out;
@@ -403,7 +424,6 @@ void coe_lora_add_residual(const lora_stack *st, const lora_step *sp, float *y, 
                            const float *res, long ldr)
 {
     const long nR = st->n * st->R, d_in = st->d_in, T = sp->T, d_out = st->d_out;
-    const long tiles = lora_shrink_token_tasks(sp, TT);
 #pragma omp parallel num_threads((int)sp->nthreads)
     {
         lora_shrink_for(st->A, nR, d_in, x, ldx, sp);  /* ends with a barrier: h is complete */
@@ -417,12 +437,7 @@ void coe_lora_add_residual(const lora_stack *st, const lora_step *sp, float *y, 
                 _mm256_storeu_ps(yr + c, _mm256_add_ps(_mm256_loadu_ps(rr + c), _mm256_loadu_ps(yr + c)));
             for (; c < d_out; c++) yr[c] = rr[c] + yr[c];
         }
-#pragma omp for schedule(dynamic, 1)
-        for (long k = 0; k < tiles; k++) {
-            long u, q0;
-            const int nt = slot_tile(sp, k, &u, &q0);
-            expand_task(st, sp, u, q0, q0 + nt, 0, d_out, y, ldy, res, ldr);
-        }
+        expand_row_tiles_for(st, sp, y, ldy, res, ldr, NULL);
     }
 }
 
@@ -432,19 +447,22 @@ void coe_lora_add_residual(const lora_stack *st, const lora_step *sp, float *y, 
  * heads of q and k at the start of each row of y (the stacked q/k/v output), partner(d) = d +
  * D/2 for d < D/2 else d - D/2, and sin's first half negated (the engine's rope_sin): transformers'
  * q * cos + rotate_half(q) * sin, rounded as torch rounds it (two products, then their sum; kept
- * apart from an FMA by `opaque`). With st/sp (not NULL), y first gets each token's q/k/v LoRA
+ * apart from an FMA by v_opaque). With st/sp (not NULL), y first gets each token's q/k/v LoRA
  * delta as coe_lora_add adds it (bit for bit), in row tiles (slot, TT tokens) that then rotate
  * the same rows while they are in L1: v keeps its delta in y, q and k go to qk.
  * Why: in torch the rotation is four passes over q/k (roll, two products, a sum) and three
  * temporaries, and with a LoRA the expand a read and a write of y before them (y has just been
  * written by the base GEMM and is out of L1/L2 in a prompt step); a decode step paid the four
  * ops' dispatch 30 times. */
+/* x, hidden from the compiler's contraction of a product and a sum into one FMA */
 #ifdef __AVX512F__
-static inline __m512 opaque512(__m512 v) { __asm__("" : "+v"(v)); return v; }
+static inline vf v_opaque(vf v) { __asm__("" : "+v"(v)); return v; }
+#else
+static inline vf v_opaque(vf v) { __asm__("" : "+x"(v)); return v; }
 #endif
-static inline __m256 opaque256(__m256 v) { __asm__("" : "+x"(v)); return v; }
-static inline float opaque1(float v) { __asm__("" : "+x"(v)); return v; }
+static inline float s_opaque(float v) { __asm__("" : "+x"(v)); return v; }
 
+/* One token's rotation: vectors of VW where they divide D/2 (SmolLM2's D/2 = 32), else scalars. */
 static inline void rope_row(const float *y, const float *c, const float *sn, float *out, long nqk, long D)
 {
     const long half = D / 2;
@@ -452,25 +470,16 @@ static inline void rope_row(const float *y, const float *c, const float *sn, flo
         const float *yh = y + j * D;
         float *oh = out + j * D;
         long d = 0;
-#ifdef __AVX512F__
-        if (half % 16 == 0)
-            for (; d < D; d += 16) {
+        if (half % VW == 0)
+            for (; d < D; d += VW) {
                 const long pd = d < half ? d + half : d - half;
-                const __m512 a = opaque512(_mm512_mul_ps(_mm512_loadu_ps(yh + d), _mm512_loadu_ps(c + d)));
-                const __m512 b = opaque512(_mm512_mul_ps(_mm512_loadu_ps(yh + pd), _mm512_loadu_ps(sn + d)));
-                _mm512_storeu_ps(oh + d, _mm512_add_ps(a, b));
-            }
-#endif
-        if (half % 8 == 0)
-            for (; d < D; d += 8) {
-                const long pd = d < half ? d + half : d - half;
-                const __m256 a = opaque256(_mm256_mul_ps(_mm256_loadu_ps(yh + d), _mm256_loadu_ps(c + d)));
-                const __m256 b = opaque256(_mm256_mul_ps(_mm256_loadu_ps(yh + pd), _mm256_loadu_ps(sn + d)));
-                _mm256_storeu_ps(oh + d, _mm256_add_ps(a, b));
+                const vf a = v_opaque(V_MUL(V_LOAD(yh + d), V_LOAD(c + d)));
+                const vf b = v_opaque(V_MUL(V_LOAD(yh + pd), V_LOAD(sn + d)));
+                V_STORE(oh + d, V_ADD(a, b));
             }
         for (; d < D; d++) {
             const long pd = d < half ? d + half : d - half;
-            oh[d] = opaque1(yh[d] * c[d]) + opaque1(yh[pd] * sn[d]);
+            oh[d] = s_opaque(yh[d] * c[d]) + s_opaque(yh[pd] * sn[d]);
         }
     }
 }
@@ -481,7 +490,7 @@ void coe_rope_lora(float *y, long ldy, long T, long nqk, long D, const float *co
                    long ldq, const lora_stack *st, const lora_step *sp, const float *x, long ldx, int nthreads)
 {
     const int lora = st != NULL && sp != NULL && sp->U > 0;
-    const long tiles = lora ? lora_shrink_token_tasks(sp, TT) : 0;
+    const rope_args rp = {cos_t, sin_t, qk, ldq, nqk, D};
     /* a decode step's rotation (16 rows of SmolLM2: 12K products) is done before a second
      * thread would be awake: one thread below 64K products */
     const int nth = lora ? (int)sp->nthreads : (T * nqk * D >= 65536 ? nthreads : 1);
@@ -491,18 +500,7 @@ void coe_rope_lora(float *y, long ldy, long T, long nqk, long D, const float *co
 #pragma omp for schedule(static) nowait
         for (long t = 0; t < T; t++)
             if (!lora || sp->row_slot[t] < 0) rope_row(y + t * ldy, cos_t + t * D, sin_t + t * D, qk + t * ldq, nqk, D);
-        if (lora) {
-#pragma omp for schedule(dynamic, 1)
-            for (long k = 0; k < tiles; k++) {
-                long u, q0;
-                const int nt = slot_tile(sp, k, &u, &q0);
-                expand_task(st, sp, u, q0, q0 + nt, 0, st->d_out, y, ldy, NULL, 0);
-                for (int i = 0; i < nt; i++) {
-                    const long t = sp->order[q0 + i];
-                    rope_row(y + t * ldy, cos_t + t * D, sin_t + t * D, qk + t * ldq, nqk, D);
-                }
-            }
-        }
+        if (lora) expand_row_tiles_for(st, sp, y, ldy, NULL, 0, &rp);
     }
 }
 
