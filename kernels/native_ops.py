@@ -222,15 +222,13 @@ def rope(y: torch.Tensor, n_heads: int, head_dim: int, cos: torch.Tensor, sin: t
     ``y`` (measured in ``kernels/README.md``)."""
     T = y.shape[0]
     qk = torch.empty(T, n_heads * head_dim, dtype=y.dtype)
-    lib = library()
-    if lora is None:
-        lib.coe_rope_lora(y.data_ptr(), y.stride(0), T, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(),
-                          qk.stride(0), None, None, None, 0, torch.get_num_threads())
-        return qk
-    x, A, B, meta, scale, output_slices = lora
-    _, ref, _ = _stack(A, B, scale, output_slices)
-    lib.coe_rope_lora(y.data_ptr(), y.stride(0), T, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(),
-                      qk.stride(0), ref, step_descriptor(meta, A.shape[1]), x.data_ptr(), x.stride(0), torch.get_num_threads())
+    ref = step = x_ptr = None
+    ldx = 0
+    if lora is not None:
+        x, A, B, meta, scale, output_slices = lora
+        ref, step, x_ptr, ldx = _stack(A, B, scale, output_slices)[1], step_descriptor(meta, A.shape[1]), x.data_ptr(), x.stride(0)
+    library().coe_rope_lora(y.data_ptr(), y.stride(0), T, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(),
+                            qk.stride(0), ref, step, x_ptr, ldx, torch.get_num_threads())
     return qk
 
 

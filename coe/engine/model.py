@@ -792,7 +792,6 @@ class Transformer:
         # Step-level work, shared by every layer.
         cos_rows = self.rope_cos[batch.positions]  # [T, D]
         sin_rows = self.rope_sin[batch.positions]
-        cos, sin = cos_rows.unsqueeze(1), sin_rows.unsqueeze(1)  # [T, 1, D]
         kv_index = [batch.kv_slots, None, batch.positions]  # cache[slot_t, :, pos_t] = k_t
         if Bd:
             Ld = batch.decode_len
@@ -822,8 +821,11 @@ class Transformer:
         # runs in kernels' C backend (prompt and mixed steps).
         native_act = self._native_swiglu
         native_rope = native_act and NATIVE_ROPE
-        lora_residual = native_act and LORA_RESIDUAL
         swiglu_lora = native_act and use_lora and lora_backend is None
+        # q/k/v's LoRA inside the C rotation, o's and down's inside the residual add (where a
+        # projection's LoRA is neither fused into the block kernel nor dense)
+        rope_lora = native_rope and lora_backend is None
+        residual_lora = native_act and LORA_RESIDUAL and lora_backend is None
 
         x = self.head.embed(batch.token_ids) if self.tok_embeddings is None else F.embedding(batch.token_ids, self.tok_embeddings)
         for li, layer in enumerate(self.layers):
@@ -831,20 +833,12 @@ class Transformer:
             lmask = groups[li] if use_lora else 0
             # ---- attention
             h = _rms_norm(x, layer.attn_norm, eps, dim)
-            st = lora["qkv"]
-            if lmask & 1 and native_rope and lora_backend is None and dense is None and not self._fuses(st, layer.wqkv_q, fused):
-                # the LoRA's expand and the rotation in one C pass (native_ops.rope), else apart
-                qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)
-                if native_ops.covers(qkv, h, st.A, st.B, meta, st.kernel_scale, st.output_slices):
-                    qk = native_ops.rope(qkv, NQK, D, cos_rows, sin_rows, (h, st.A, st.B, meta, st.kernel_scale, st.output_slices))
-                else:
-                    qk = self._rope(add_lora_packed(qkv, h, st.A, st.B, meta, st.kernel_scale, st.output_slices), NQK, D, cos_rows, sin_rows, cos, sin, True)
+            if lmask & 1:
+                qkv, qk = self._lora_qkv_rope(h, layer, meta, dense, lora_backend, fused, rope_lora, native_rope,
+                                              NQK, D, cos_rows, sin_rows)
             else:
-                if lmask & 1:
-                    qkv = self._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, st, meta, dense, layer.wqkv_q, lora_backend, fused, layer.wqkv_p)
-                else:
-                    qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)  # [T, (H+2K)*D]
-                qk = self._rope(qkv, NQK, D, cos_rows, sin_rows, cos, sin, native_rope)
+                qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)  # [T, (H+2K)*D]
+                qk = self._rope(qkv, NQK, D, cos_rows, sin_rows, native_rope)
             k = qk[:, q_size:].view(T, K, D)
             v = qkv[:, q_size + kv_size :].view(T, K, D)
             kc, vc = k_cache[li], v_cache[li]
@@ -868,7 +862,7 @@ class Transformer:
                     attn[row : row + n] = o[0].transpose(0, 1).reshape(n, q_size)
             if lmask & 2:
                 x = self._lora_proj_residual(x, attn, layer.wo_t, layer.wo_c, layer.bo, lora["o"], meta, dense, layer.wo_q,
-                                             lora_backend, fused, layer.wo_p, lora_residual)
+                                             lora_backend, fused, layer.wo_p, residual_lora)
             else:
                 x = x + _proj(attn, layer.wo_t, layer.wo_c, layer.bo, layer.wo_q, layer.wo_p)
             # ---- feed-forward (SwiGLU)
@@ -888,7 +882,7 @@ class Transformer:
                     act = F.silu(g).mul_(u)
             if lmask & 8:
                 x = self._lora_proj_residual(x, act, layer.w2_t, layer.w2_c, layer.b2, lora["down"], meta, dense, layer.w2_q,
-                                             lora_backend, fused, layer.w2_p, lora_residual)
+                                             lora_backend, fused, layer.w2_p, residual_lora)
             else:
                 x = x + _proj(act, layer.w2_t, layer.w2_c, layer.b2, layer.w2_q, layer.w2_p)
 
@@ -898,34 +892,59 @@ class Transformer:
         return self.head.logits(x).float()
 
     @staticmethod
-    def _rope(qkv: torch.Tensor, nqk: int, D: int, cos_rows: torch.Tensor, sin_rows: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, native: bool) -> torch.Tensor:
+    def _rope(qkv: torch.Tensor, nqk: int, D: int, cos_rows: torch.Tensor, sin_rows: torch.Tensor,
+              native: bool) -> torch.Tensor:
         """RoPE on q and k at once: qk * cos + rotate_half(qk) * sin, rounded as transformers
-        does -> [T, nqk * D]. In C where the C kernels run (``native_ops.rope``: one pass, bit for
-        bit these torch ops; a decode step's four dispatches a layer become one call), else torch."""
+        does -> [T, nqk * D] (cos/sin: the step's rows of the tables, [T, D]). In C where the C
+        kernels run (``native_ops.rope``: one pass, bit for bit these torch ops; a decode step's
+        four dispatches a layer become one call), else torch."""
         if native and qkv.stride(1) == 1:
             return native_ops.rope(qkv, nqk, D, cos_rows, sin_rows)
         T = qkv.shape[0]
         qk = qkv[:, : nqk * D].view(T, nqk, D)
-        rot = qk.roll(D // 2, -1).mul_(sin)  # [x2, x1] * [-sin, sin] == rotate_half(qk) * sin
-        return (qk * cos).add_(rot).view(T, nqk * D)
+        rot = qk.roll(D // 2, -1).mul_(sin_rows.unsqueeze(1))  # [x2, x1] * [-sin, sin] == rotate_half(qk) * sin
+        return (qk * cos_rows.unsqueeze(1)).add_(rot).view(T, nqk * D)
+
+    @classmethod
+    def _lora_qkv_rope(cls, h: torch.Tensor, layer: Layer, meta: LoRAMeta, dense: tuple[int, int] | None,
+                       backend: str | None, fused: Any, in_rope: bool, native_rope: bool, nqk: int, D: int,
+                       cos_rows: torch.Tensor, sin_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q/k/v with their LoRA, and the rotated q/k: (qkv, qk). With ``in_rope`` (C kernels, no
+        forced backend) a LoRA neither fused into the block kernel nor dense is expanded inside
+        the C rotation (``native_ops.rope``, bit for bit the same as adding it first)."""
+        st = layer.lora["qkv"]
+        if cls._fuses(st, layer.wqkv_q, fused):
+            qkv = cls._block_lora(h, layer.bqkv, st, layer.wqkv_q, fused)
+        elif in_rope and dense is None:
+            qkv = _proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, layer.wqkv_q, layer.wqkv_p)
+            lora = (h, st.A, st.B, meta, st.kernel_scale, st.output_slices)
+            if native_ops.covers(qkv, *lora):
+                return qkv, native_ops.rope(qkv, nqk, D, cos_rows, sin_rows, lora)
+            qkv = add_lora_packed(qkv, *lora)
+        else:
+            qkv = cls._lora_proj(h, layer.wqkv_t, layer.wqkv_c, layer.bqkv, st, meta, dense, layer.wqkv_q, backend, fused,
+                                 layer.wqkv_p)
+        return qkv, cls._rope(qkv, nqk, D, cos_rows, sin_rows, native_rope)
 
     @classmethod
     def _lora_proj_residual(cls, res: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None,
                             b: torch.Tensor | None, st: LoRAStack, meta: LoRAMeta, dense: tuple[int, int] | None,
                             w_q: BlockWeight | None, backend: str | None, fused: Any, w_p: Any,
-                            native: bool) -> torch.Tensor:
+                            in_residual: bool) -> torch.Tensor:
         """``res + _lora_proj(x, ...)``: a projection that only feeds the residual stream (o, down).
-        Where the LoRA runs in kernels' C backend (``native``, no forced ``backend``, not fused into
-        the block kernel nor dense), the delta and the residual add are one C pass over the
-        projection's output (``native_ops.add_lora_residual``), bit for bit the same sum: in a
-        512-token prompt step the output has just left the cores' caches, and the expand then the
-        add read it twice (measured in ``kernels/README.md``)."""
-        if native and backend is None and dense is None and not cls._fuses(st, w_q, fused):
+        With ``in_residual`` (C kernels, no forced backend), a LoRA neither fused into the block
+        kernel nor dense and the residual add are one C pass over the projection's output
+        (``native_ops.add_lora_residual``), bit for bit the same sum: in a 512-token prompt step
+        the output has just left the cores' caches, and the expand then the add read it twice
+        (measured in ``kernels/README.md``)."""
+        if cls._fuses(st, w_q, fused):
+            return res + cls._block_lora(x, b, st, w_q, fused)
+        if in_residual and dense is None:
             y = _proj(x, w_t, w_c, b, w_q, w_p)
-            if native_ops.covers(y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices) and res.stride(1) == 1:
-                return native_ops.add_lora_residual(res, y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
-            return res + add_lora_packed(y, x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
+            lora = (x, st.A, st.B, meta, st.kernel_scale, st.output_slices)
+            if native_ops.covers(y, *lora) and res.stride(1) == 1:
+                return native_ops.add_lora_residual(res, y, *lora)
+            return res + add_lora_packed(y, *lora)
         return res + cls._lora_proj(x, w_t, w_c, b, st, meta, dense, w_q, backend, fused, w_p)
 
     @staticmethod
@@ -942,6 +961,12 @@ class Transformer:
     def _fuses(st: LoRAStack, w_q: BlockWeight | None, fused: Any) -> bool:
         """Whether this step's projection takes its LoRA inside the block kernel (``_lora_proj``)."""
         return fused is not None and st.rows is not None and w_q is not None and w_q.kind == "q4_1"
+
+    @staticmethod
+    def _block_lora(x: torch.Tensor, b: torch.Tensor | None, st: LoRAStack, w_q: BlockWeight, fused: Any) -> torch.Tensor:
+        """``x @ W.T (+ b)`` with the LoRA inside the block kernel (where :meth:`_fuses`)."""
+        y = w_q.matmul(x, (st.rows, fused))
+        return y if b is None else y.add_(b)
 
     @staticmethod
     def _lora_proj(x: torch.Tensor, w_t: torch.Tensor, w_c: torch.Tensor | None, b: torch.Tensor | None,
@@ -968,8 +993,7 @@ class Transformer:
         shrink stays a matmul of its own.
         """
         if Transformer._fuses(st, w_q, fused):
-            y = w_q.matmul(x, (st.rows, fused))
-            return y if b is None else y.add_(b)
+            return Transformer._block_lora(x, b, st, w_q, fused)
         y = _proj(x, w_t, w_c, b, w_q, w_p)
         if dense is not None and st.B_dense is not None:
             A_t, B_dense = st.dense_operands(*dense)

@@ -433,8 +433,7 @@ void coe_lora_add_residual(const lora_stack *st, const lora_step *sp, float *y, 
             float *yr = y + t * ldy;
             const float *rr = res + t * ldr;
             long c = 0;
-            for (; c + 8 <= d_out; c += 8)
-                _mm256_storeu_ps(yr + c, _mm256_add_ps(_mm256_loadu_ps(rr + c), _mm256_loadu_ps(yr + c)));
+            for (; c + VW <= d_out; c += VW) V_STORE(yr + c, V_ADD(V_LOAD(rr + c), V_LOAD(yr + c)));
             for (; c < d_out; c++) yr[c] = rr[c] + yr[c];
         }
         expand_row_tiles_for(st, sp, y, ldy, res, ldr, NULL);
