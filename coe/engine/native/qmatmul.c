@@ -441,9 +441,14 @@ static inline void split(long n, int t, int nt, long *lo, long *hi)
  * with T0 -> +4.45 with T1 (L1 is 48 KB; a call's share is up to ~540 KB); real 16-row decode
  * steps, both builds alternating step by step, 80 rounds: eight adapters -1.19 ms a step
  * (paired median), one adapter +0.30 against the base's -0.21 (noise). On AMD CPUs into L1
- * (T0) when several slots are active: Zen 4 and later drop some T1/T2 prefetches, and with 8
- * adapters on a 2-core EPYC T0 cost 0.7-3.0 ms less a step than T1 (an earlier version of that
- * setup, 40 rounds, 4 runs); with one slot T1 was as good or better there. */
+ * (T0): Zen 4 and later drop some T1/T2 prefetches, and with 8 adapters on a 2-core EPYC T0 cost
+ * 0.7-3.0 ms less a step than T1 (an earlier version of that setup, 40 rounds, 4 runs). With
+ * one slot as well: real 16-row decode steps, the two builds alternating step by step (40
+ * rounds, each build's base and one-adapter step, twice with the order swapped), one adapter's
+ * step 0.37 / 0.29 ms faster with T0 (paired medians), the base's unchanged (+0.01 / +0.08);
+ * single-row steps (60 rounds, twice) 0.58 / 0.50 ms faster (one adapter's cost over the base
+ * 0.90 -> 0.40 and 1.07 -> 0.64 ms a step). Timed inside the kernel calls (rdtsc), the shrink
+ * and expand then cost what they do with the adapter's data already in cache. */
 #define PF_MAX (2 * MAX_FUSED + 2)
 typedef struct {
     const char *p[PF_MAX];
@@ -516,7 +521,13 @@ static inline void fused_shrink_unit(const uint16_t *A, long nR, long K, const f
  * shrink the first to finish waited at the barrier. Measured when bench --kernel still built its
  * data on the caller's thread, so that every call began with futex wake-ups (16 rows, 120 calls,
  * interleaved, 6 runs on the 2-core EPYC): one adapter +2.05 ms over the base with fixed halves,
- * -0.45 ms with tasks taken as they come. */
+ * -0.45 ms with tasks taken as they come.
+ * Why the shrink comes after the base loop, not first: tried with the shrink at the region's
+ * start, each call prefetching the next call's A rows during its base loop, and a counter of
+ * finished shrink units in place of the barrier (real 16-row decode steps, one adapter, rdtsc
+ * summed over both threads): the wait went from 0.74 to 0.01 M cycles a step, but the shrink
+ * took 4.39 M instead of 3.05 (its A rows no longer in cache after the ops between two calls),
+ * and the steps were no faster (+0.36 / -0.04 ms, two runs of 40 rounds). */
 void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
                          long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
@@ -548,7 +559,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             const long points = (b1 - b0) * NBLK * ((M + MAX_ROWS - 1) / MAX_ROWS);  /* (output, row tile) pairs */
             per = points ? (lines + points - 1) / points : 0;  /* lines per output and row tile */
-            pf_l1 = cpu_amd && sp->U > 1;
+            pf_l1 = cpu_amd;
         }
         /* Row tiles outside the block's outputs: a tile's x (8 rows of 576 floats: 18 KB) stays in
          * L1 for the block's 8 weight rows, which the next tile reads again from L1. With the
