@@ -577,7 +577,7 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
     from transformers import AutoConfig
 
     from coe.engine.model import FUSED_GROUPS, ModelArgs
-    from coe.engine.quantized import BlockWeight, lora_rows, native_library, unavailable_reason
+    from coe.engine.quantized import BlockWeight, lora_rows, native_library, panels_shape, unavailable_reason
     from coe.engine.weights import resolve_model
     from kernels import LoRAMeta, native_ops
 
@@ -603,7 +603,7 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
                 w = BlockWeight("q4_1", torch.randint(0, 256, (n, d_in // 2), dtype=torch.uint8, generator=g),
                                 torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
                 A = (torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01).half()  # float16, as the engine keeps the fused copies
-                P = (torch.randn(NUM_ADAPTERS, n // 8, RANK, 8, generator=g) * 0.01).half()
+                P = (torch.randn(panels_shape(NUM_ADAPTERS, n, RANK), generator=g) * 0.01).half()
                 calls.append((w, A, P, lora_rows(A, P, slices)))
         xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
         metas = {k: None if v is None else LoRAMeta.build(torch.tensor(v), NUM_ADAPTERS) for k, v in cases.items()}

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coe.engine.quantized import MAX_FUSED_ROWS, BlockWeight, lora_rows, native_library
+from coe.engine.quantized import MAX_FUSED_ROWS, BlockWeight, lora_rows, native_library, panels_shape, write_panels
 from kernels import LoRAMeta, add_lora_dense, add_lora_packed, native_ops
 
 # The aten op takes None for a full slice in its index list (the Python method does not).
@@ -383,9 +383,9 @@ class LoRAStack:
         B_dense: [S, n*R, d_out], B^T with packed slices laid block-diagonally (slice i's rank
             rows only in slice i's columns; ``Bt`` itself when n == 1): the expand of the dense
             path, one ``addmm_`` for all slices. Costs (n-1) times ``Bt``'s memory.
-        A_half, B_panels: ``A`` in float16, and [S, d_out/8, R, 8] float16, contiguous (``Bt``
-            cut into blocks of 8 output columns, each block's R x 8 values together, rounded to
-            float16), and ``rows``, the C descriptor of the two: the LoRA the GGUF block kernel
+        A_half, B_panels: ``A`` in float16, and ``Bt`` as the fused kernel's panels (float16,
+            ``coe.engine.quantized.panels_shape``: blocks of 8 output columns, two side by side),
+            and ``rows``, the C descriptor of the two: the LoRA the GGUF block kernel
             fuses into a few-row projection (``coe.engine.quantized``; CPU float32 with the
             kernels built, slice widths multiples of 8). Costs half of ``A``'s and ``Bt``'s
             memory more. Why float16: half the bytes a decode step over many adapters reads.
@@ -431,7 +431,7 @@ class LoRAStack:
             self.B_dense = self.Bt if n == 1 else torch.zeros(num_slots, n * rank, d_out, dtype=dtype, device=device)
         if fused and self.folded and d_out % 8 == 0:
             self.A_half = torch.zeros(num_slots, n * rank, self.d_in, dtype=torch.float16, device=device)
-            self.B_panels = torch.zeros(num_slots, d_out // 8, rank, 8, dtype=torch.float16, device=device)
+            self.B_panels = torch.zeros(panels_shape(num_slots, d_out, rank), dtype=torch.float16, device=device)
             self.rows = lora_rows(self.A_half, self.B_panels, self.output_slices)
             if self.rows is None:
                 self.A_half = self.B_panels = None
@@ -462,7 +462,7 @@ class LoRAStack:
             fits = all(m.size == 0 or (m.max() <= F16_MAX and m.min() >= -F16_MAX) for m in (a, bt))
             with np.errstate(over="ignore"):  # a misfit slot is never read from these copies
                 np.copyto(self.A_half[slot].numpy(), a, casting="same_kind")
-                np.copyto(self.B_panels[slot].numpy(), bt.reshape(bt.shape[0], -1, 8).transpose(1, 0, 2), casting="same_kind")
+                write_panels(self.B_panels[slot].numpy(), bt)
         if self.B_dense is None or self.B_dense is self.Bt:
             return fits
         r = self.rank

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kernels import native
@@ -46,7 +47,7 @@ QK = 32  # GGUF block size of Q4_1 and Q8_0
 KINDS = ("q4_1", "q8_0")
 _SRC = Path(__file__).with_name("native") / "qmatmul.c"
 _KERNELS_C = Path(native.__file__).with_name("native")  # lora_shrink.h, shared with kernels' C backend
-_ABI = 5
+_ABI = 6
 MAX_FUSED_ROWS = 16  # MAX_FUSED in qmatmul.c: the most rows a call with a fused LoRA may have
 _P, _L, _I64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int64
 MAX_SLICES = 8
@@ -76,14 +77,44 @@ def native_library() -> ctypes.CDLL | None:
     return native.load(_SRC, _setup, include=(_KERNELS_C,))
 
 
+def panels_shape(num_slots: int, d_out: int, rank: int) -> tuple[int, int, int, int]:
+    """The fused kernel's B panels for ``num_slots`` slots of a [d_out, rank] B: B^T cut into
+    blocks of 8 outputs, two blocks side by side per panel row (see ``lora_rows`` in
+    qmatmul.c): [S, ceil(d_out / 16), rank, 16]."""
+    return num_slots, (d_out // 8 + 1) // 2, rank, 16
+
+
+def write_panels(dst: np.ndarray, bt: np.ndarray) -> None:
+    """Copy one slot's B^T ``bt`` [R, N] into its panels ``dst`` [ceil(N/16), R, 16] (float16,
+    rounded as numpy casts). An odd last block's partner columns are left as they are: the
+    kernel never reads them."""
+    R, N = bt.shape
+    full = N // 16
+    np.copyto(dst[:full], bt[:, : 16 * full].reshape(R, full, 16).transpose(1, 0, 2), casting="same_kind")
+    if N % 16:
+        np.copyto(dst[full, :, : N % 16], bt[:, 16 * full :], casting="same_kind")
+
+
+def lora_panels(Bt: torch.Tensor) -> torch.Tensor:
+    """The float16 panels of ``Bt`` [S, R, N] (every slot), for :func:`lora_rows`."""
+    S, R, N = Bt.shape
+    out = torch.zeros(panels_shape(S, N, R), dtype=torch.float16)
+    for s in range(S):
+        write_panels(out[s].numpy(), Bt[s].float().numpy())
+    return out
+
+
 def lora_rows(A: torch.Tensor, B_panels: torch.Tensor, output_slices: tuple[int, ...]) -> Any:
     """A pointer to the C descriptor of one stacked projection's LoRA (A [S, n*R, K] with the
-    scaling folded in, B_panels [S, N/8, R, 8]: B^T in blocks of 8 outputs; both float16, see
-    ``LoRAStack`` in coe.engine.model for why), for :meth:`BlockWeight.matmul`; None where the
-    kernel cannot fuse it (a slice width that is not a multiple of 8). The caller keeps the
-    tensors alive (read live: slot writes show)."""
+    scaling folded in, B_panels as :func:`panels_shape`; both float16, see ``LoRAStack`` in
+    coe.engine.model for why), for :meth:`BlockWeight.matmul`; None where the kernel cannot
+    fuse it (a slice width that is not a multiple of 8). The caller keeps the tensors alive
+    (read live: slot writes show)."""
     if A.dtype != torch.float16 or B_panels.dtype != torch.float16:
         raise ValueError(f"lora_rows needs A and B_panels in float16, got {A.dtype} and {B_panels.dtype}")
+    if B_panels.shape[-1] != 16 or B_panels.shape[1] != (sum(output_slices) // 8 + 1) // 2:
+        raise ValueError(f"lora_rows needs B_panels shaped as panels_shape(S, {sum(output_slices)}, R), "
+                         f"got {tuple(B_panels.shape)}")
     if any(d % 8 for d in output_slices) or len(output_slices) > MAX_SLICES:
         return None
     bounds = [0]

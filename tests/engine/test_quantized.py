@@ -73,7 +73,7 @@ def test_fused_lora_kernel_matches_reference_and_ignores_batch(slots, native_isa
     runs on zero blocks, whose base part is exactly 0."""
     from kernels import LoRAMeta, native_ops
 
-    from coe.engine.quantized import lora_rows
+    from coe.engine.quantized import lora_panels, lora_rows
 
     g = torch.Generator().manual_seed(len(slots))
     slices, S, R, K = (72, 56, 24), 3, 16, 96
@@ -81,7 +81,7 @@ def test_fused_lora_kernel_matches_reference_and_ignores_batch(slots, native_isa
     w = _random_blocks("q4_1", N, K, seed=len(slots))
     A = (torch.randn(S, len(slices) * R, K, generator=g) * 0.1).half()
     B = (torch.randn(S, N, R, generator=g) * 0.1).half()  # B[s, n, r]
-    P = B.view(S, N // 8, 8, R).transpose(2, 3).contiguous()  # panels [S, N/8, R, 8]
+    P = lora_panels(B.transpose(1, 2))  # B^T's panels
     desc = lora_rows(A, P, slices)
     x = torch.randn(len(slots), K, generator=g)
 
@@ -345,11 +345,11 @@ def test_adapter_beyond_float16_runs_unfused(engine_factory, block_model, tmp_pa
 
 
 def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k: int = 96, S: int = 4, seed: int = 0):
-    """Block weights, a stacked LoRA in the fused kernel's layout (A [S, n*R, K], B panels
-    [S, N/8, R, 8], both float16 and drawn exactly representable in it) and the float64 reference of
+    """Block weights, a stacked LoRA in the fused kernel's layout (A [S, n*R, K], B as its panels
+    (``lora_panels``), both float16 and drawn exactly representable in it) and the float64 reference of
     ``x @ W.T`` plus each row's delta."""
     from kernels import LoRAMeta, native_ops
-    from coe.engine.quantized import lora_rows
+    from coe.engine.quantized import lora_panels, lora_rows
 
     g = torch.Generator().manual_seed(seed)
     n_out = sum(slices)
@@ -366,7 +366,7 @@ def _fused_case(T: int, rank: int, slots: list[int], slices: tuple[int, ...], k:
         for i, d in enumerate(slices):
             want[t, off : off + d] += B[s, off : off + d].double() @ h[i * rank : (i + 1) * rank]
             off += d
-    panels = B.view(S, n_out // 8, 8, rank).permute(0, 1, 3, 2).contiguous().half()
+    panels = lora_panels(B.transpose(1, 2))
     A = A.half()
     rows = lora_rows(A, panels, slices)
     meta = LoRAMeta.build(torch.tensor(slots), S)

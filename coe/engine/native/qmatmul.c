@@ -16,8 +16,8 @@
  * --kernel --rounds 20, 120 calls of SmolLM2's shapes on 16 rows, two runs each): base 24.6 / 24.3
  * ms -> 17.7 / 17.1; one adapter 25.5 / 23.2 -> 17.5 / 16.6; eight adapters 24.3 / 24.1 -> 18.3 /
  * 17.5. COE_NATIVE_ISA=avx2 builds the AVX2 paths on any CPU. With 32 vector registers the
- * AVX-512 build also takes wider LoRA tiles: the expand 4 tokens x 4 pairs of blocks
- * (EXPAND_BLOCKS 8), the shrink 4 rows of A x 4 tokens (NJ4_MAX_NT). Real 16-row decode steps,
+ * AVX-512 build also takes wider LoRA tiles: the expand then 4 tokens x 4 pairs of blocks (now
+ * wider, see lora_expand_blocks), the shrink 4 rows of A x 4 tokens (NJ4_MAX_NT). Real 16-row decode steps,
  * both builds in one process, 60 paired rounds, two runs: one adapter +0.99 / +0.96 ms over the
  * base -> +0.89 / +0.89; eight adapters +2.71 / +2.63 -> +2.52 / +2.50 (same sums per output).
  *
@@ -273,9 +273,12 @@ static inline __attribute__((always_inline)) void q80_row(
     case 7: FN(__VA_ARGS__, 7); break; default: FN(__VA_ARGS__, 8); break; }
 
 /* A stacked projection's LoRA for the fused kernel: A [S, nR, K] (scale folded in) and B as
- * panels [S, N/8, R, 8] (B^T cut into blocks of 8 outputs, each block's R x 8 values
- * contiguous), both float16, widened exactly to float32 as they are read; slices ending at
- * bounds[1..n] (multiples of 8, checked by the caller).
+ * panels [S, ceil(N/16), R, 16]: B^T cut into blocks of 8 outputs, blocks 2p and 2p + 1 side by
+ * side in pair p (row r of the pair: block 2p's 8 values, then block 2p + 1's; an odd last
+ * block's partner is zero padding, never read), both float16, widened exactly to float32 as
+ * they are read; slices ending at bounds[1..n] (multiples of 8, checked by the caller). A
+ * block's row is 16 bytes at a stride of 32 (block_panel); a pair's row is one 32-byte load,
+ * widened to one 16-float vector (expand_tile16).
  * Why float16: a step over 8 adapters reads every adapter's A and B (157 MB a step for SmolLM2 at
  * r=16 in float32), and the expand waited on B's reads. Measured (python -m coe.engine.bench
  * --kernel's setup, 16 rows, 40 interleaved rounds, the 2-core EPYC): 8 adapters +5.06 ms over
@@ -288,6 +291,14 @@ typedef struct {
     int64_t R, n;
     int64_t bounds[9];
 } lora_rows;
+
+#define PSTRIDE (2 * NBLK)  /* float16 values from one row of a block's panel to the next */
+
+/* Block g's panel (its row 0) among a slot's panels pb. */
+static inline const uint16_t *block_panel(const uint16_t *pb, long g, long R)
+{
+    return pb + (g / 2) * R * PSTRIDE + (g % 2) * NBLK;
+}
 
 /* y[t, 8c:8c+8] += h_t . panel_c for NT tokens of one slot and NB blocks of 8 outputs: a
  * register tile of NT x NB accumulators (8 when it can: independent FMA chains hide the FMA
@@ -302,7 +313,7 @@ static inline __attribute__((always_inline)) void expand_tile(const uint16_t *co
         for (int c = 0; c < NB; c++) acc[g][c] = _mm256_setzero_ps();
     for (long r = 0; r < R; r++) {
         __m256 bv[4];
-        for (int c = 0; c < NB; c++) bv[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel[c] + r * NBLK)));
+        for (int c = 0; c < NB; c++) bv[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel[c] + r * PSTRIDE)));
         for (int g = 0; g < NT; g++) {
             const __m256 hv = _mm256_broadcast_ss(ht[g] + r);
             for (int c = 0; c < NB; c++) acc[g][c] = _mm256_fmadd_ps(hv, bv[c], acc[g][c]);
@@ -314,23 +325,20 @@ static inline __attribute__((always_inline)) void expand_tile(const uint16_t *co
 }
 
 #ifdef __AVX512F__
-/* expand_tile with 16-float vectors: NP pairs of adjacent blocks (2 * NP panels), each pair's two
- * rows of 8 float16 joined into one vector. Every output still sums the rank in order in one
+#define EXPAND_PAIRS 6  /* the most pairs of blocks in one expand_tile16 */
+/* expand_tile with 16-float vectors: NP pairs of blocks (pair[p]: a pair's panels, see
+ * lora_rows), each pair's row one vector. Every output still sums the rank in order in one
  * chain, the same FMAs as expand_tile's, so results do not depend on which tile (or which of
  * the two) computed them. */
-static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *const *panel, const float *const *ht, long R,
+static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *const *pair, const float *const *ht, long R,
                                                                 float *const *yt, const int NT, const int NP)
 {
-    __m512 acc[TTE][4];
+    __m512 acc[TTE][EXPAND_PAIRS];
     for (int g = 0; g < NT; g++)
         for (int p = 0; p < NP; p++) acc[g][p] = _mm512_setzero_ps();
     for (long r = 0; r < R; r++) {
-        __m512 bv[4];
-        for (int p = 0; p < NP; p++) {
-            const __m128i lo = _mm_loadu_si128((const __m128i *)(panel[2 * p] + r * NBLK));
-            const __m128i hi = _mm_loadu_si128((const __m128i *)(panel[2 * p + 1] + r * NBLK));
-            bv[p] = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
-        }
+        __m512 bv[EXPAND_PAIRS];
+        for (int p = 0; p < NP; p++) bv[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pair[p] + r * PSTRIDE)));
         for (int g = 0; g < NT; g++) {
             const __m512 hv = _mm512_set1_ps(ht[g][r]);
             for (int p = 0; p < NP; p++) acc[g][p] = _mm512_fmadd_ps(hv, bv[p], acc[g][p]);
@@ -342,30 +350,64 @@ static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *
 }
 #endif
 
+/* Blocks c0..c1 (of the call's, from block blk) for a tile of nt tokens with 8-float vectors:
+ * 4, 2 or 1 blocks at a time, tokens 4 at a time. */
+static inline void expand_blocks8(const uint16_t *pb, long R, long blk, int c0, int c1, const float *const *ht, float *const *yt,
+                                  int nt)
+{
+    for (int c = c0; c < c1;) {
+        const int nb = nt <= 2 && c1 - c >= 4 ? 4 : (c1 - c >= 2 ? 2 : 1);
+        const uint16_t *pc[4];
+        for (int k = 0; k < nb; k++) pc[k] = block_panel(pb, blk + c + k, R);
+        for (int g0 = 0; g0 < nt; g0 += TT) {
+            const int mt = nt - g0 < TT ? nt - g0 : TT;
+            float *yc[TT];
+            for (int g = 0; g < mt; g++) yc[g] = yt[g0 + g] + c * NBLK;
+            const float *const *hc = ht + g0;
+#define EXPAND_NT(NB) switch (mt) { \
+            case 4: expand_tile(pc, hc, R, yc, 4, NB); break; case 3: expand_tile(pc, hc, R, yc, 3, NB); break; \
+            case 2: expand_tile(pc, hc, R, yc, 2, NB); break; default: expand_tile(pc, hc, R, yc, 1, NB); break; }
+            if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
+#undef EXPAND_NT
+        }
+        c += nb;
+    }
+}
+
 /* The LoRA delta of every row with a slot, added to y[:, 8 blk : 8 (blk + nblk)] for nblk (at
  * most EXPAND_BLOCKS) blocks of slice i: tiles of up to 4 tokens x 2 blocks, or 2 tokens x 4
- * blocks; with AVX-512, tiles of up to TTE (8) tokens of a slot, against up to 2 pairs of blocks
- * (5-8 tokens) or 4 pairs (1-4 tokens), at most 16 accumulators, the blocks left over 4 tokens
- * at a time. Every output sums the rank in one chain whatever its tile, so results are bit for
- * bit those of 4-token tiles.
+ * blocks; with AVX-512, tiles of up to TTE (8) tokens of a slot against up to 3 pairs of blocks
+ * (5-8 tokens) or 6 (1-4 tokens), at most 24 accumulators; a block before the first whole pair
+ * (blk odd) and one left after the last go 4 tokens at a time with 8-float vectors. Every
+ * output sums the rank in one chain whatever its tile, so results are bit for bit those of
+ * 4-token tiles.
  * Why 8 tokens: each B panel row is loaded and widened once per token tile, so a one-adapter
  * 16-token step widened B 4 times with 4-token tiles, 2 times now. Measured on the 2-core Intel
  * Xeon VM (real 16-row decode steps, both builds alternating step by step, two runs of 50 and 60
  * rounds): the block-kernel calls' LoRA cost over the base's, one adapter +1.34 / +1.38 ms with
  * 4-token tiles, +1.20 / +1.24 with 8; over eight adapters (2 tokens a slot, the same tiles)
  * +3.35 / +3.27 against +3.28 / +3.35. Alone (one thread, a [16, 3072] call with its data in
- * cache), 4-token tiles ran at 46 GMAC/s, 8-token tiles at 49. */
+ * cache), 4-token tiles ran at 46 GMAC/s, 8-token tiles at 49.
+ * Why pairs side by side in the panels, and 3 or 6 of them a tile: a pair's row is then one
+ * 32-byte load and one widening, not two 16-byte loads joined, and each broadcast h value
+ * feeds 3 (or 6) FMAs, not 2 (or 4). Measured alone (one thread, one slot, data in L1/L2, the
+ * 2-core AVX-512 EPYC, whose FMA peak there is 58.7 GMAC/s a core): 16 tokens x 1536 outputs
+ * 42.9 -> 49.8 GMAC/s (73% -> 85% of the peak), 2 tokens 32.0 -> 38.0, 1 token 26.7 -> 28.2;
+ * with the pairs side by side but 2 (or 4) a tile, 16 tokens 44.9. In real 16-row decode steps
+ * the expand gains less, its panels coming from L2 rather than L1 (rdtsc inside the calls,
+ * summed over both threads, both builds alternating step by step, 30 rounds): one adapter
+ * 4.94 -> 4.69 M cycles a step, eight adapters 4.27 -> 3.64 M. */
 #ifdef __AVX512F__
-#define EXPAND_BLOCKS 8
+#define EXPAND_BLOCKS (2 * EXPAND_PAIRS)
 #else
 #define EXPAND_BLOCKS 4
 #endif
 static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, long nR, long N, long blk, int nblk,
                                       long i, float *y, long ldy)
 {
-    const long R = lr->R, n0 = blk * NBLK;
+    const long R = lr->R, n0 = blk * NBLK, npair = (N / NBLK + 1) / 2;
     for (long u = 0; u < sp->U; u++) {
-        const uint16_t *panel = lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + blk) * R) * NBLK;
+        const uint16_t *pb = lr->P + (long)sp->seg_slot[u] * npair * R * PSTRIDE;  /* the slot's panels */
         const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
         for (long q = q0; q < q1; q += TTE) {
             const int nt = q1 - q < TTE ? (int)(q1 - q) : TTE;
@@ -377,11 +419,15 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
             }
             int c = 0;
 #ifdef __AVX512F__
-            const int npmax = nt > 4 ? 2 : 4;  /* at most 16 accumulators */
-            while (nblk - c >= 2) {  /* pairs of blocks */
+            if (blk % 2 && nblk > 1) {  /* the second block of a pair: alone */
+                expand_blocks8(pb, R, blk, 0, 1, ht, yt, nt);
+                c = 1;
+            }
+            const int npmax = nt > 4 ? 3 : EXPAND_PAIRS;  /* at most 24 accumulators */
+            while (nblk - c >= 2) {  /* whole pairs: block blk + c is even */
                 const int np = (nblk - c) / 2 < npmax ? (nblk - c) / 2 : npmax;
-                const uint16_t *pc[8];
-                for (int k = 0; k < 8; k++) pc[k] = panel + (c + k) * R * NBLK;
+                const uint16_t *pc[EXPAND_PAIRS];
+                for (int k = 0; k < np; k++) pc[k] = pb + ((blk + c) / 2 + k) * R * PSTRIDE;
                 float *yc[TTE];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
 #define EXPAND16_NT(NP) switch (nt) { \
@@ -390,31 +436,15 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
 #define EXPAND16_WIDE(NP) switch (nt) { \
                 case 8: expand_tile16(pc, ht, R, yc, 8, NP); break; case 7: expand_tile16(pc, ht, R, yc, 7, NP); break; \
                 case 6: expand_tile16(pc, ht, R, yc, 6, NP); break; default: expand_tile16(pc, ht, R, yc, 5, NP); break; }
-                if (nt > 4) { if (np == 2) { EXPAND16_WIDE(2) } else { EXPAND16_WIDE(1) } }
-                else if (np == 4) { EXPAND16_NT(4) } else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) }
-                else { EXPAND16_NT(1) }
+                if (nt > 4) { if (np == 3) { EXPAND16_WIDE(3) } else if (np == 2) { EXPAND16_WIDE(2) } else { EXPAND16_WIDE(1) } }
+                else if (np == 6) { EXPAND16_NT(6) } else if (np == 5) { EXPAND16_NT(5) } else if (np == 4) { EXPAND16_NT(4) }
+                else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) } else { EXPAND16_NT(1) }
 #undef EXPAND16_NT
 #undef EXPAND16_WIDE
                 c += 2 * np;
             }
 #endif
-            for (; c < nblk;) {  /* blocks c.. of this call, 4, 2 or 1 at a time, tokens 4 at a time */
-                const int nb = nt <= 2 && nblk - c >= 4 ? 4 : (nblk - c >= 2 ? 2 : 1);
-                const uint16_t *pc[4];
-                for (int k = 0; k < 4; k++) pc[k] = panel + (c + k) * R * NBLK;
-                for (int g0 = 0; g0 < nt; g0 += TT) {
-                    const int mt = nt - g0 < TT ? nt - g0 : TT;
-                    float *yc[TT];
-                    for (int g = 0; g < mt; g++) yc[g] = yt[g0 + g] + c * NBLK;
-                    const float *const *hc = ht + g0;
-#define EXPAND_NT(NB) switch (mt) { \
-                case 4: expand_tile(pc, hc, R, yc, 4, NB); break; case 3: expand_tile(pc, hc, R, yc, 3, NB); break; \
-                case 2: expand_tile(pc, hc, R, yc, 2, NB); break; default: expand_tile(pc, hc, R, yc, 1, NB); break; }
-                    if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
-#undef EXPAND_NT
-                }
-                c += nb;
-            }
+            expand_blocks8(pb, R, blk, c, nblk, ht, yt, nt);  /* what is left */
         }
     }
 }
@@ -553,8 +583,9 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 const long j1 = k1 < (u + 1) * np ? SHRINK_ROWS * (k1 - u * np) : nR;
                 pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 2);
             }
-            for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1, per slot */
-                pf_add(&pf, lr->P + (((long)sp->seg_slot[u] * (N / NBLK) + b0) * lr->R) * NBLK, (b1 - b0) * lr->R * NBLK * 2);
+            const long npair = (N / NBLK + 1) / 2, pbytes = lr->R * PSTRIDE * 2;  /* a pair of panels */
+            for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1 (their pairs), per slot */
+                pf_add(&pf, lr->P + ((long)sp->seg_slot[u] * npair + b0 / 2) * lr->R * PSTRIDE, ((b1 + 1) / 2 - b0 / 2) * pbytes);
             long lines = 0;
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             const long points = (b1 - b0) * NBLK * ((M + MAX_ROWS - 1) / MAX_ROWS);  /* (output, row tile) pairs */
@@ -636,4 +667,4 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
     }
 }
 
-int coe_native_abi(void) { return 5; }
+int coe_native_abi(void) { return 6; }
