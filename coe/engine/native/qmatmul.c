@@ -557,7 +557,12 @@ static inline void fused_shrink_unit(const uint16_t *A, long nR, long K, const f
  * finished shrink units in place of the barrier (real 16-row decode steps, one adapter, rdtsc
  * summed over both threads): the wait went from 0.74 to 0.01 M cycles a step, but the shrink
  * took 4.39 M instead of 3.05 (its A rows no longer in cache after the ops between two calls),
- * and the steps were no faster (+0.36 / -0.04 ms, two runs of 40 rounds). */
+ * and the steps were no faster (+0.36 / -0.04 ms, two runs of 40 rounds).
+ * Nor does a thread that finishes early take over the expand of blocks whose base sums the other
+ * has finished (a counter of finished shrink units and one of each thread's finished blocks in
+ * place of the barrier): tried, the wait went from 1.15 to 0.19 M cycles a step, but the steps
+ * were slower, 0.43 / 0.46 ms with one adapter and 0.62 / 0.38 ms on the base (two runs of 50
+ * rounds, the order swapped): the base loop's code with the per-block store ran slower. */
 void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
                          long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
