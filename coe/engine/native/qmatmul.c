@@ -562,7 +562,8 @@ static inline void fused_shrink_unit(const uint16_t *A, long nR, long K, const f
  * has finished (a counter of finished shrink units and one of each thread's finished blocks in
  * place of the barrier): tried, the wait went from 1.15 to 0.19 M cycles a step, but the steps
  * were slower, 0.43 / 0.46 ms with one adapter and 0.62 / 0.38 ms on the base (two runs of 50
- * rounds, the order swapped): the base loop's code with the per-block store ran slower. */
+ * rounds, the order swapped); the base's steps differ only by a per-block store behind `if (lr)`,
+ * so presumably by the code the compiler made of the base loop. */
 void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const float *dm, float *y, long ldy,
                          long M, long N, long K, int nthreads, const lora_rows *lr, const lora_step *sp)
 {
