@@ -417,3 +417,31 @@ def test_fused_kernel_zero_b_rows_equal_base_exactly():
     assert not torch.allclose(run(), run(lora=False), atol=1e-3)
     panels.zero_()
     assert torch.equal(run(), run(lora=False))
+
+
+@pytest.mark.parametrize("n_out", [8, 16, 40, 152])
+def test_panels_put_two_blocks_side_by_side(n_out):
+    """``lora_panels``: output n's row r of B^T sits in pair n // 16 at row r, column n % 16 (the
+    layout ``lora_rows`` in qmatmul.c reads); an odd last block's partner stays zero."""
+    from coe.engine.quantized import lora_panels, panels_shape
+
+    S, R = 2, 4
+    Bt = torch.arange(S * R * n_out, dtype=torch.float32).view(S, R, n_out)  # exact in float16
+    P = lora_panels(Bt)
+    assert P.dtype == torch.float16 and tuple(P.shape) == panels_shape(S, n_out, R) == (S, (n_out // 8 + 1) // 2, R, 16)
+    n = torch.arange(n_out)
+    for s in range(S):
+        for r in range(R):
+            assert torch.equal(P[s, n // 16, r, n % 16].float(), Bt[s, r])
+    if n_out % 16:
+        assert not P[:, -1, :, 8:].any()
+
+
+def test_lora_rows_rejects_panels_of_another_layout():
+    """Panels shaped the old way ([S, N/8, R, 8]) are refused with the expected shape named,
+    never read in the wrong layout."""
+    from coe.engine.quantized import lora_rows
+
+    A = torch.zeros(2, 8, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"panels_shape\(S, 48, R\).*\(2, 6, 8, 8\)"):
+        lora_rows(A, torch.zeros(2, 6, 8, 8, dtype=torch.float16), (48,))
