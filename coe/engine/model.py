@@ -43,7 +43,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -457,12 +456,13 @@ class LoRAStack:
             float16's range (the fused copies' type), so that steps using it take the float32 path.
         """
         fits = True
-        if self.B_panels is not None:  # numpy's permuted copy (about twice torch's speed for B^T)
-            a, bt = self.A[slot].numpy(), self.Bt[slot].numpy()
-            fits = all(m.size == 0 or (m.max() <= F16_MAX and m.min() >= -F16_MAX) for m in (a, bt))
-            with np.errstate(over="ignore"):  # a misfit slot is never read from these copies
-                np.copyto(self.A_half[slot].numpy(), a, casting="same_kind")
-                write_panels(self.B_panels[slot].numpy(), bt)
+        if self.B_panels is not None:
+            # the range check in numpy (1.9 ms an adapter, torch's 4.3), the casts in torch (A 0.7 ms, numpy's
+            # 6.8; panels see write_panels); a misfit slot (inf after the cast) is never read from these copies
+            fits = all(m.size == 0 or (m.max() <= F16_MAX and m.min() >= -F16_MAX)
+                       for m in (self.A[slot].numpy(), self.Bt[slot].numpy()))
+            self.A_half[slot].copy_(self.A[slot])
+            write_panels(self.B_panels[slot], self.Bt[slot])
         if self.B_dense is None or self.B_dense is self.Bt:
             return fits
         r = self.rank

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kernels import native
@@ -84,15 +83,17 @@ def panels_shape(num_slots: int, d_out: int, rank: int) -> tuple[int, int, int, 
     return num_slots, (d_out // 8 + 1) // 2, rank, 16
 
 
-def write_panels(dst: np.ndarray, bt: np.ndarray) -> None:
+def write_panels(dst: torch.Tensor, bt: torch.Tensor) -> None:
     """Copy one slot's B^T ``bt`` [R, N] into its panels ``dst`` [ceil(N/16), R, 16] (float16,
-    rounded as numpy casts). An odd last block's partner columns are left as they are: the
-    kernel never reads them."""
+    rounded to nearest as every cast to float16 is). An odd last block's partner columns are
+    left as they are: the kernel never reads them. torch's strided copy, not numpy's: for an
+    adapter of SmolLM2 at r=16 (120 stacks) 2.2-4.8 ms against numpy's 7.8 (bit for bit the same),
+    time the loop thread spends between two steps when a load takes a free slot."""
     R, N = bt.shape
     full = N // 16
-    np.copyto(dst[:full], bt[:, : 16 * full].reshape(R, full, 16).transpose(1, 0, 2), casting="same_kind")
+    dst[:full].copy_(bt[:, : 16 * full].reshape(R, full, 16).permute(1, 0, 2))
     if N % 16:
-        np.copyto(dst[full, :, : N % 16], bt[:, 16 * full :], casting="same_kind")
+        dst[full, :, : N % 16].copy_(bt[:, 16 * full :])
 
 
 def lora_panels(Bt: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def lora_panels(Bt: torch.Tensor) -> torch.Tensor:
     S, R, N = Bt.shape
     out = torch.zeros(panels_shape(S, N, R), dtype=torch.float16)
     for s in range(S):
-        write_panels(out[s].numpy(), Bt[s].float().numpy())
+        write_panels(out[s], Bt[s].float())
     return out
 
 
