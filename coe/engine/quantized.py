@@ -101,7 +101,7 @@ def lora_panels(Bt: torch.Tensor) -> torch.Tensor:
     S, R, N = Bt.shape
     out = torch.zeros(panels_shape(S, N, R), dtype=torch.float16)
     for s in range(S):
-        write_panels(out[s], Bt[s].float())
+        write_panels(out[s], Bt[s])
     return out
 
 
@@ -113,7 +113,8 @@ def lora_rows(A: torch.Tensor, B_panels: torch.Tensor, output_slices: tuple[int,
     (read live: slot writes show)."""
     if A.dtype != torch.float16 or B_panels.dtype != torch.float16:
         raise ValueError(f"lora_rows needs A and B_panels in float16, got {A.dtype} and {B_panels.dtype}")
-    if B_panels.shape[-1] != 16 or B_panels.shape[1] != (sum(output_slices) // 8 + 1) // 2:
+    shape = tuple(B_panels.shape)
+    if len(shape) != 4 or shape != panels_shape(shape[0], sum(output_slices), shape[2]):
         raise ValueError(f"lora_rows needs B_panels shaped as panels_shape(S, {sum(output_slices)}, R), "
                          f"got {tuple(B_panels.shape)}")
     if any(d % 8 for d in output_slices) or len(output_slices) > MAX_SLICES:

@@ -294,6 +294,12 @@ typedef struct {
 
 #define PSTRIDE (2 * NBLK)  /* float16 values from one row of a block's panel to the next */
 
+/* Slot s's panels among lr's (N outputs: ceil(N/16) pairs of R rows). */
+static inline const uint16_t *slot_panels(const lora_rows *lr, long s, long N)
+{
+    return lr->P + s * ((N / NBLK + 1) / 2) * lr->R * PSTRIDE;
+}
+
 /* Block g's panel (its row 0) among a slot's panels pb. */
 static inline const uint16_t *block_panel(const uint16_t *pb, long g, long R)
 {
@@ -405,9 +411,9 @@ static inline void expand_blocks8(const uint16_t *pb, long R, long blk, int c0, 
 static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, long nR, long N, long blk, int nblk,
                                       long i, float *y, long ldy)
 {
-    const long R = lr->R, n0 = blk * NBLK, npair = (N / NBLK + 1) / 2;
+    const long R = lr->R, n0 = blk * NBLK;
     for (long u = 0; u < sp->U; u++) {
-        const uint16_t *pb = lr->P + (long)sp->seg_slot[u] * npair * R * PSTRIDE;  /* the slot's panels */
+        const uint16_t *pb = slot_panels(lr, sp->seg_slot[u], N);
         const long q0 = sp->seg_start[u], q1 = q0 + sp->seg_count[u];
         for (long q = q0; q < q1; q += TTE) {
             const int nt = q1 - q < TTE ? (int)(q1 - q) : TTE;
@@ -419,7 +425,7 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
             }
             int c = 0;
 #ifdef __AVX512F__
-            if (blk % 2 && nblk > 1) {  /* the second block of a pair: alone */
+            if (blk % 2) {  /* the second block of a pair: alone */
                 expand_blocks8(pb, R, blk, 0, 1, ht, yt, nt);
                 c = 1;
             }
@@ -427,7 +433,7 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
             while (nblk - c >= 2) {  /* whole pairs: block blk + c is even */
                 const int np = (nblk - c) / 2 < npmax ? (nblk - c) / 2 : npmax;
                 const uint16_t *pc[EXPAND_PAIRS];
-                for (int k = 0; k < np; k++) pc[k] = pb + ((blk + c) / 2 + k) * R * PSTRIDE;
+                for (int k = 0; k < np; k++) pc[k] = block_panel(pb, blk + c + 2 * k, R);
                 float *yc[TTE];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
 #define EXPAND16_NT(NP) switch (nt) { \
@@ -589,9 +595,9 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 const long j1 = k1 < (u + 1) * np ? SHRINK_ROWS * (k1 - u * np) : nR;
                 pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 2);
             }
-            const long npair = (N / NBLK + 1) / 2, pbytes = lr->R * PSTRIDE * 2;  /* a pair of panels */
             for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1 (their pairs), per slot */
-                pf_add(&pf, lr->P + ((long)sp->seg_slot[u] * npair + b0 / 2) * lr->R * PSTRIDE, ((b1 + 1) / 2 - b0 / 2) * pbytes);
+                pf_add(&pf, block_panel(slot_panels(lr, sp->seg_slot[u], N), b0 & ~1L, lr->R),
+                       ((b1 + 1) / 2 - b0 / 2) * lr->R * PSTRIDE * 2);
             long lines = 0;
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
             const long points = (b1 - b0) * NBLK * ((M + MAX_ROWS - 1) / MAX_ROWS);  /* (output, row tile) pairs */
