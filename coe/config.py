@@ -307,6 +307,12 @@ class ServingConfig:
         admin_key: bearer key for adapter admin endpoints (also ``COE_ADMIN_KEY``).
         shutdown_grace_s: on SIGTERM, in-flight requests get this long to finish.
         compile: try ``torch.compile`` on the decode step.
+        fused_lora_dtype: the precision of the LoRA that CPU decode steps of up to 16 rows fuse
+            into the quantized base kernel (a GGUF model in float32 with the C kernels):
+            ``float16`` (A and B stored in float16, x and the rank-r product in float32), or
+            ``bfloat16`` (x, A, B and the product rounded to bfloat16, float32 sums:
+            ``vdpbf16ps``; needs a CPU with AVX512-BF16): a little faster, less exact (see
+            README, "bfloat16 LoRA"). Prompt steps and other paths keep a float32 LoRA either way.
     """
 
     max_batch: int = 16
@@ -327,6 +333,7 @@ class ServingConfig:
     admin_key: str | None = None
     shutdown_grace_s: float = 30.0
     compile: bool = False
+    fused_lora_dtype: Literal["float16", "bfloat16"] = "float16"
 
 
 @dataclass(frozen=True)

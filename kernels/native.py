@@ -54,8 +54,20 @@ def avx512_cpu() -> bool:
     return AVX512_CPU <= cpu_flags()
 
 
+# Added to the AVX-512 build where the CPU has AVX512-BF16: the ``#ifdef __AVX512BF16__`` paths
+# (the engine's opt-in bfloat16 LoRA, see coe.engine.model.LoRAStack).
+BF16_FLAGS = ("-mavx512bf16",)
+
+
+def bf16_cpu() -> bool:
+    """Whether this CPU has AVX512-BF16 (``vdpbf16ps``) besides the AVX-512 build's sets."""
+    return avx512_cpu() and "avx512_bf16" in cpu_flags()
+
+
 def _flags(chosen: str) -> tuple[str, ...]:
-    return CFLAGS + (AVX512_FLAGS if chosen == "avx512" else ())
+    if chosen != "avx512":
+        return CFLAGS
+    return CFLAGS + AVX512_FLAGS + (BF16_FLAGS if bf16_cpu() else ())
 
 
 def isa() -> str:

@@ -155,7 +155,7 @@ def _cases(names: list[str], batch: int) -> dict[str, list[str | None]]:
 
 
 def _engine_with_adapters(model: str | None, threads: int, *, max_batch: int, max_seq_len: int, device: str = "cpu",
-                          cold: int = 0) -> tuple[Any, list[str], list[Path], Path]:
+                          cold: int = 0, fused_lora_dtype: str = "float16") -> tuple[Any, list[str], list[Path], Path]:
     """A float32 engine with NUM_ADAPTERS random bench adapters loaded (``a0``..``a7``), and the
     paths of those plus ``cold`` more written but not loaded, in a temporary folder (returned,
     for the caller to remove). The adapters are written on a fresh thread that leaves no
@@ -164,7 +164,7 @@ def _engine_with_adapters(model: str | None, threads: int, *, max_batch: int, ma
 
     torch.set_num_threads(threads)
     engine = Engine.from_pretrained(model, dtype="float32", device=device, max_batch=max_batch, max_loras=NUM_ADAPTERS,
-                                    max_seq_len=max_seq_len, max_queue=4 * max_batch)
+                                    max_seq_len=max_seq_len, max_queue=4 * max_batch, fused_lora_dtype=fused_lora_dtype)
     tmp = Path(tempfile.mkdtemp(prefix="coe-bench-"))
 
     def make() -> list[Path]:
@@ -320,9 +320,11 @@ def _interleaved(cases: dict[str, Any], repeats: int, log: Any, alternate: bool 
 
 
 def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, device: str = "cpu", batch: int = 16,
-        repeats: int = 3, skip_peft: bool = False, ratio_rounds: int | None = None, log: Any = print) -> dict[str, Any]:
+        repeats: int = 3, skip_peft: bool = False, ratio_rounds: int | None = None, fused_lora_dtype: str = "float16",
+        log: Any = print) -> dict[str, Any]:
     """Run every measurement and return the result dict (see the module docstring for the keys).
-    ``ratio_rounds``: rounds of the engine-only ratio cases (default ``RATIO_ROUNDS`` x repeats).
+    ``ratio_rounds``: rounds of the engine-only ratio cases (default ``RATIO_ROUNDS`` x repeats);
+    ``fused_lora_dtype``: the engine's ``serving.fused_lora_dtype``.
 
     Order: engine warm-up of every case, the engine-only measurements (adapter switch, cold load,
     ITL during a load), ``peak_rss_mb``; then transformers+PEFT is loaded and the throughput cases
@@ -335,10 +337,12 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
         raise ValueError(f"ratio_rounds must be at least 1 (got {ratio_rounds}); leave it unset for {RATIO_ROUNDS} x repeats")
     res: dict[str, Any] = {"model": model or "embedded SmolLM2-135M-Instruct (GGUF, fp32)", "threads": threads,
                            "device": device, "new_tokens": new_tokens, "batch": batch, "repeats": repeats,
-                           "adapters": NUM_ADAPTERS, "rank": RANK, "torch": torch.__version__}
+                           "adapters": NUM_ADAPTERS, "rank": RANK, "torch": torch.__version__,
+                           "fused_lora_dtype": fused_lora_dtype}
     t0 = time.perf_counter()
     engine, names, paths, tmp = _engine_with_adapters(model, threads, device=device, max_batch=batch,
-                                                      max_seq_len=PROMPT_TOKENS + new_tokens + 64, cold=1)
+                                                      max_seq_len=PROMPT_TOKENS + new_tokens + 64, cold=1,
+                                                      fused_lora_dtype=fused_lora_dtype)
     res["engine_load_s"] = round(time.perf_counter() - t0, 2)
     from coe.engine.weights import resolve_model
 
@@ -564,20 +568,23 @@ def phase_times(model: str | None = None, *, threads: int = 2, new_tokens: int =
             "ratios": {"uniform16/base16": ratio("uniform16", "base16"), "mixed16/uniform16": ratio("mixed16", "uniform16")}}
 
 
-def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int = 20, rows: int = 16,
+def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int = 20, rows: int = 16, rank: int = RANK,
                  log: Any = print) -> dict[str, Any]:
     """Milliseconds of one step's worth of the fused block kernel alone (``coe.engine.quantized``):
     every projection group of every layer (SmolLM2: 30 x qkv, o, gate_up, down = 120 calls) on
-    ``rows`` rows, without LoRA, with every row on one r=16 adapter, and with the rows spread
-    over 8 adapters. Random Q4_1 blocks and adapters of the model's shapes, each call's weights
+    ``rows`` rows, without LoRA, with every row on one adapter of rank ``rank`` (16), and with the
+    rows spread over 8 adapters. Random Q4_1 blocks and adapters of the model's shapes, each call's weights
     distinct (out of cache, as in a real step). The cases take turns within each iteration;
     medians per case, and the medians of the per-iteration ratios (``one_over_base``,
     ``eight_over_one``), which a drifting machine affects least. Where the kernel's LoRA cost
-    is, without the rest of a step around it."""
+    is, without the rest of a step around it. Where the kernel has its bfloat16 LoRA
+    (``serving.fused_lora_dtype``), ``one_adapter_bf16`` and ``eight_adapters_bf16`` run the same
+    adapters' bfloat16 copies, and ``bf16_minus_f16_ms`` has the paired medians of the
+    per-iteration differences."""
     from transformers import AutoConfig
 
     from coe.engine.model import FUSED_GROUPS, ModelArgs
-    from coe.engine.quantized import BlockWeight, lora_rows, native_library, panels_shape, unavailable_reason
+    from coe.engine.quantized import BlockWeight, lora_bf16_available, lora_rows, native_library, panels_shape, unavailable_reason
     from coe.engine.weights import resolve_model
     from kernels import LoRAMeta, native_ops
 
@@ -602,33 +609,46 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
                                        f"{'/'.join(targets)} is {d_in} -> {slices}")
                 w = BlockWeight("q4_1", torch.randint(0, 256, (n, d_in // 2), dtype=torch.uint8, generator=g),
                                 torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
-                A = (torch.randn(NUM_ADAPTERS, len(slices) * RANK, d_in, generator=g) * 0.01).half()  # float16, as the engine keeps the fused copies
-                P = (torch.randn(panels_shape(NUM_ADAPTERS, n, RANK), generator=g) * 0.01).half()
-                calls.append((w, A, P, lora_rows(A, P, slices)))
+                A32 = torch.randn(NUM_ADAPTERS, len(slices) * rank, d_in, generator=g) * 0.01
+                P32 = torch.randn(panels_shape(NUM_ADAPTERS, n, rank), generator=g) * 0.01
+                A, P = A32.half(), P32.half()  # float16, as the engine keeps the fused copies
+                Ab, Pb = (A32.bfloat16(), P32.bfloat16()) if bf16 else (None, None)
+                calls.append((w, A, (A, P, lora_rows(A, P, slices)), (Ab, Pb, lora_rows(Ab, Pb, slices) if bf16 else None)))
         xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
         metas = {k: None if v is None else LoRAMeta.build(torch.tensor(v), NUM_ADAPTERS) for k, v in cases.items()}
         return calls, xs, metas
 
+    bf16 = lora_bf16_available()
     cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}
+    variants = [(k, k, 2) for k in cases]  # (case, its slots' case, which descriptor: 2 float16, 3 bfloat16)
+    if bf16:
+        variants += [("one_adapter_bf16", "one_adapter", 3), ("eight_adapters_bf16", "eight_adapters", 3)]
     n_calls = args.n_layers * len(FUSED_GROUPS)
-    times: dict[str, list[float]] = {k: [] for k in cases}
+    times: dict[str, list[float]] = {k: [] for k, _, _ in variants}
 
     def loop() -> None:
         calls, xs, metas = setup()
         for it in range(iterations + 1):
-            for k, meta in metas.items():
+            for k, slots_of, which in variants:
+                meta = metas[slots_of]
                 t0 = time.perf_counter()
-                for w, A, _P, desc in calls:
-                    w.matmul(xs[w.shape[1]], None if meta is None else (desc, native_ops.step_descriptor(meta, A.shape[1])))
+                for c in calls:
+                    w = c[0]
+                    w.matmul(xs[w.shape[1]], None if meta is None else (c[which][2], native_ops.step_descriptor(meta, c[1].shape[1])))
                 if it:  # one warm-up turn
                     times[k].append((time.perf_counter() - t0) * 1e3)
 
     log(f"timing {n_calls} fused kernel calls x {len(times)} cases, {iterations} turns...")
     run_in_fresh_thread(loop)
     ratio = lambda a, b: round(_ratio(times[a], times[b]), 3)  # noqa: E731
-    return {"threads": threads, "rows": rows, "calls": n_calls, "iterations": iterations,
-            "ms": {k: round(_median(v), 3) for k, v in times.items()},
-            "one_over_base": ratio("one_adapter", "base"), "eight_over_one": ratio("eight_adapters", "one_adapter")}
+    out = {"threads": threads, "rows": rows, "rank": rank, "calls": n_calls, "iterations": iterations,
+           "ms": {k: round(_median(v), 3) for k, v in times.items()},
+           "one_over_base": ratio("one_adapter", "base"), "eight_over_one": ratio("eight_adapters", "one_adapter")}
+    if bf16:
+        diff = lambda a, b: round(_median([x - y for x, y in zip(times[a], times[b])]), 3)  # noqa: E731
+        out["bf16_minus_f16_ms"] = {"one_adapter": diff("one_adapter_bf16", "one_adapter"),
+                                    "eight_adapters": diff("eight_adapters_bf16", "eight_adapters")}
+    return out
 
 
 GOALS = {"single_stream_speedup": (">=", 2.5), "mixed16_speedup": (">=", 3.0), "heterogeneity_ratio": (">=", 0.95),
@@ -657,7 +677,8 @@ def main(args: Any) -> int:
     res = run(getattr(args, "model", None), threads=getattr(args, "threads", 2) or 2,
               new_tokens=getattr(args, "new_tokens", 64) or 64, device=getattr(args, "device", "cpu") or "cpu",
               batch=getattr(args, "batch", 16) or 16, repeats=1 if quick else 3,
-              ratio_rounds=getattr(args, "ratio_rounds", None), log=lambda m: print(m, file=sys.stderr))
+              ratio_rounds=getattr(args, "ratio_rounds", None),
+              fused_lora_dtype=getattr(args, "fused_lora_dtype", None) or "float16", log=lambda m: print(m, file=sys.stderr))
     width = max(len(k) for k in res)
     for k, v in res.items():
         goal = GOALS.get(k)
@@ -689,10 +710,14 @@ if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --
     ap.add_argument("--phases", action="store_true", help="time the 16-request cases' real steps by kind instead")
     ap.add_argument("--kernel", action="store_true", help="time one step's worth of the fused block kernel alone instead")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of --phases (5) or iterations of --steps (15) / --kernel (20)")
+    ap.add_argument("--rows", type=int, default=16, help="rows of --kernel's calls (default 16)")
+    ap.add_argument("--rank", type=int, default=RANK, help="the adapters' rank in --kernel (default 16)")
     a = ap.parse_args()
     if a.steps or a.phases or a.kernel:
         fn = step_times if a.steps else phase_times if a.phases else kernel_times
         more = {} if a.rounds is None else {"repeats" if a.phases else "iterations": a.rounds}
+        if a.kernel:
+            more.update(rows=a.rows, rank=a.rank)
         out = fn(a.model, threads=a.threads, log=lambda m: print(m, file=sys.stderr), **more)
         print(json.dumps(out, indent=2))
         if a.json:

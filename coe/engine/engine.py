@@ -41,6 +41,9 @@ _SERVING_MINIMUMS = {
 }
 
 
+FUSED_LORA_DTYPES = ("float16", "bfloat16")
+
+
 def serving_with(base: ServingConfig | None = None, **overrides: Any) -> ServingConfig:
     """``base`` (default: ``ServingConfig()``) with ``overrides`` applied and checked.
 
@@ -57,6 +60,9 @@ def serving_with(base: ServingConfig | None = None, **overrides: Any) -> Serving
         v = getattr(s, k)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"serving.{k}: {v!r} is out of range; expected an integer >= {lo}", param=f"serving.{k}")
+    if s.fused_lora_dtype not in FUSED_LORA_DTYPES:
+        raise ConfigError(f"serving.fused_lora_dtype: {s.fused_lora_dtype!r} is not one of {', '.join(map(repr, FUSED_LORA_DTYPES))}",
+                          param="serving.fused_lora_dtype")
     if s.max_tokens_default > s.max_tokens_limit:
         raise ConfigError(f"serving.max_tokens_default: {s.max_tokens_default} is above serving.max_tokens_limit ({s.max_tokens_limit})",
                           param="serving.max_tokens_default")
@@ -86,6 +92,7 @@ class Engine:
         self.max_seq_len = min(serving.max_seq_len, model_context(model.args))
         a = model.args
         self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, serving.max_batch, self.max_seq_len, model.dtype, model.device)
+        model.set_fused_lora_dtype(serving.fused_lora_dtype)
         self.registry = AdapterRegistry(model, max_loras=serving.max_loras, max_cpu_loras=serving.max_cpu_loras,
                                         max_lora_rank=serving.max_lora_rank, base_names=base_names,
                                         strict_base_model=serving.strict_base_model)

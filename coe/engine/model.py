@@ -46,7 +46,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from coe.engine.quantized import MAX_FUSED_ROWS, BlockWeight, lora_rows, native_library, panels_shape, write_panels
+from coe.engine.quantized import (MAX_FUSED_ROWS, BlockWeight, lora_bf16_available, lora_rows, native_library, panels_shape,
+                                  write_panels)
+from coe.errors import ConfigError
 from kernels import LoRAMeta, add_lora_dense, add_lora_packed, native_ops
 
 # The aten op takes None for a full slice in its index list (the Python method does not).
@@ -382,7 +384,7 @@ class LoRAStack:
         B_dense: [S, n*R, d_out], B^T with packed slices laid block-diagonally (slice i's rank
             rows only in slice i's columns; ``Bt`` itself when n == 1): the expand of the dense
             path, one ``addmm_`` for all slices. Costs (n-1) times ``Bt``'s memory.
-        A_half, B_panels: ``A`` in float16, and ``Bt`` as the fused kernel's panels (float16,
+        A_half, B_panels: ``A`` in float16 (or bfloat16, below), and ``Bt`` as the fused kernel's panels (float16,
             ``coe.engine.quantized.panels_shape``: blocks of 8 output columns, two side by side),
             and ``rows``, the C descriptor of the two: the LoRA the GGUF block kernel
             fuses into a few-row projection (``coe.engine.quantized``; CPU float32 with the
@@ -394,6 +396,9 @@ class LoRAStack:
             both; see ``lora_rows`` in qmatmul.c for B); one adapter +1.60 / +1.47 and +1.38 /
             +1.00. Outputs moved by at most 1.2e-5 (|y| ~ 5). A slot whose A or B does not fit
             float16 (a value beyond 65504) is left out of the fused kernel (:meth:`refresh`).
+            With ``bf16`` (``serving.fused_lora_dtype``) both copies are bfloat16, in the
+            kernel's bfloat16 layout (LORA_BF16 in qmatmul.c): no range to check, 8 significant
+            bits instead of 11, and x and A x rounded to bfloat16 too inside the kernel.
     """
 
     __slots__ = ("A", "Bt", "B", "scale", "output_slices", "d_in", "folded", "kernel_scale", "B_dense", "_dense_ops",
@@ -412,9 +417,10 @@ class LoRAStack:
         self.rows: Any = None
 
     def allocate(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device, dense: bool = False,
-                 fused: bool = False) -> None:
+                 fused: bool = False, bf16: bool = False) -> None:
         """Allocate zeroed slots; ``dense`` also allocates ``B_dense`` (CPU float32 stacks), and
-        ``fused`` ``A_half``, ``B_panels`` and the descriptor ``rows``."""
+        ``fused`` ``A_half``, ``B_panels`` and the descriptor ``rows`` (in bfloat16 with ``bf16``,
+        which needs an even ``rank``)."""
         n = len(self.output_slices)
         d_out = sum(self.output_slices)
         self.A = torch.zeros(num_slots, n * rank, self.d_in, dtype=dtype, device=device)
@@ -429,8 +435,9 @@ class LoRAStack:
         if dense and self.folded:
             self.B_dense = self.Bt if n == 1 else torch.zeros(num_slots, n * rank, d_out, dtype=dtype, device=device)
         if fused and self.folded and d_out % 8 == 0:
-            self.A_half = torch.zeros(num_slots, n * rank, self.d_in, dtype=torch.float16, device=device)
-            self.B_panels = torch.zeros(panels_shape(num_slots, d_out, rank), dtype=torch.float16, device=device)
+            half = torch.bfloat16 if bf16 else torch.float16
+            self.A_half = torch.zeros(num_slots, n * rank, self.d_in, dtype=half, device=device)
+            self.B_panels = torch.zeros(panels_shape(num_slots, d_out, rank), dtype=half, device=device)
             self.rows = lora_rows(self.A_half, self.B_panels, self.output_slices)
             if self.rows is None:
                 self.A_half = self.B_panels = None
@@ -459,8 +466,8 @@ class LoRAStack:
         if self.B_panels is not None:
             # the range check in numpy (1.9 ms an adapter, torch's 4.3), the casts in torch (A 0.7 ms, numpy's
             # 6.8; panels see write_panels); a misfit slot (inf after the cast) is never read from these copies
-            fits = all(m.size == 0 or (m.max() <= F16_MAX and m.min() >= -F16_MAX)
-                       for m in (self.A[slot].numpy(), self.Bt[slot].numpy()))
+            fits = self.B_panels.dtype == torch.bfloat16 or all(m.size == 0 or (m.max() <= F16_MAX and m.min() >= -F16_MAX)
+                                                                for m in (self.A[slot].numpy(), self.Bt[slot].numpy()))
             self.A_half[slot].copy_(self.A[slot])
             write_panels(self.B_panels[slot], self.Bt[slot])
         if self.B_dense is None or self.B_dense is self.Bt:
@@ -549,6 +556,7 @@ class Transformer:
         self._dim = torch.tensor(float(args.dim), dtype=torch.float32, device=device)
         self._attn_scale = torch.tensor(args.head_dim ** -0.5, dtype=dtype, device=device)
         self._cpu32 = device.type == "cpu" and dtype == torch.float32  # the CPU fast paths' precondition
+        self.fused_lora_bf16 = False  # the fused kernel's LoRA in bfloat16 (set_fused_lora_dtype)
         self._native_swiglu = NATIVE_SWIGLU and self._cpu32 and native_ops.library() is not None
 
     # ------------------------------------------------------------------ construction
@@ -650,16 +658,34 @@ class Transformer:
         self.rope_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(device=device, dtype=dtype)
         return self
 
+    def set_fused_lora_dtype(self, choice: str) -> None:
+        """``serving.fused_lora_dtype``: ``float16`` or ``bfloat16`` (see ServingConfig), for the
+        LoRA stacks allocated from now on (:meth:`allocate_lora`). Only CPU float32 models with
+        the C kernels fuse their LoRA; elsewhere the choice changes nothing.
+
+        Raises:
+            ConfigError: ``bfloat16`` where the fused kernel runs but has no bfloat16 LoRA.
+        """
+        fused = self._cpu32 and native_library() is not None
+        if choice == "bfloat16" and fused and not lora_bf16_available():
+            raise ConfigError("serving.fused_lora_dtype: 'bfloat16' needs a CPU with AVX512-BF16 (vdpbf16ps) and the "
+                              "AVX-512 build of the C kernels, which this machine lacks; use 'float16'",
+                              param="serving.fused_lora_dtype")
+        self.fused_lora_bf16 = fused and choice == "bfloat16"
+
     def allocate_lora(self, num_slots: int, rank: int) -> None:
-        """(Re)allocate every layer's LoRA stacks as zeros: ``num_slots`` slots of rank ``rank``."""
+        """(Re)allocate every layer's LoRA stacks as zeros: ``num_slots`` slots of rank ``rank``
+        (rounded up to even for the fused kernel's bfloat16 LoRA: a zero rank row adds nothing)."""
         # With the C kernels, steps of up to 16 rows fuse their LoRA into the block kernel and other
         # decode steps run kernels' C backend, as fast as the dense path (16 rows on one adapter:
         # 94.2 vs 92.8 ms a step): B_dense would only cost memory and slot-write time.
         native = self._cpu32 and native_library() is not None
+        bf16 = native and self.fused_lora_bf16
+        rank += rank % 2 if bf16 else 0
         self._dense_lora = self._cpu32 and not native
         for layer in self.layers:
             for stack in layer.lora.values():
-                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._dense_lora, fused=native)
+                stack.allocate(num_slots, rank, self.dtype, self.device, dense=self._dense_lora, fused=native, bf16=bf16)
         # the widest stack's n*rank: one fused-kernel step descriptor (its h scratch) serves every call of a step
         self._lora_width = max((st.A.shape[1] for layer in self.layers for st in layer.lora.values()), default=0) if native else 0
         self.num_lora_slots = num_slots

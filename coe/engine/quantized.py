@@ -46,7 +46,7 @@ QK = 32  # GGUF block size of Q4_1 and Q8_0
 KINDS = ("q4_1", "q8_0")
 _SRC = Path(__file__).with_name("native") / "qmatmul.c"
 _KERNELS_C = Path(native.__file__).with_name("native")  # lora_shrink.h, shared with kernels' C backend
-_ABI = 6
+_ABI = 7
 MAX_FUSED_ROWS = 16  # MAX_FUSED in qmatmul.c: the most rows a call with a fused LoRA may have
 _P, _L, _I64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int64
 MAX_SLICES = 8
@@ -55,7 +55,7 @@ MAX_SLICES = 8
 class LoRARows(ctypes.Structure):
     """``lora_rows`` of ``qmatmul.c``: one stacked projection's LoRA for the fused kernel."""
 
-    _fields_ = [("A", _P), ("P", _P), ("R", _I64), ("n", _I64), ("bounds", _I64 * (MAX_SLICES + 1))]
+    _fields_ = [("A", _P), ("P", _P), ("R", _I64), ("n", _I64), ("bounds", _I64 * (MAX_SLICES + 1)), ("bf16", _I64)]
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
@@ -66,6 +66,7 @@ def _setup(lib: ctypes.CDLL) -> bool:
         fn.restype = None
     lib.coe_q41_matmul_lora.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int, _P, _P]
     lib.coe_q41_matmul_lora.restype = None
+    lib.coe_native_lora_bf16.restype = ctypes.c_int
     return True
 
 
@@ -74,6 +75,12 @@ def native_library() -> ctypes.CDLL | None:
     """The compiled block kernels (built once into the cache by ``kernels.native``), or None
     when they cannot be used here (the reason is in :func:`unavailable_reason`)."""
     return native.load(_SRC, _setup, include=(_KERNELS_C,))
+
+
+def lora_bf16_available() -> bool:
+    """Whether the fused kernel was built with its bfloat16 LoRA (an AVX512-BF16 CPU)."""
+    lib = native_library()
+    return lib is not None and bool(lib.coe_native_lora_bf16())
 
 
 def panels_shape(num_slots: int, d_out: int, rank: int) -> tuple[int, int, int, int]:
@@ -88,18 +95,31 @@ def write_panels(dst: torch.Tensor, bt: torch.Tensor) -> None:
     rounded to nearest as every cast to float16 is). An odd last block's partner columns are
     left as they are: the kernel never reads them. torch's strided copy, not numpy's: for an
     adapter of SmolLM2 at r=16 (120 stacks) 2.2-4.8 ms against numpy's 7.8 (bit for bit the same),
-    time the loop thread spends between two steps when a load takes a free slot."""
+    time the loop thread spends between two steps when a load takes a free slot.
+
+    bfloat16 panels (the kernel's bfloat16 LoRA, R even) hold the same values in another order:
+    row k of a pair is its 16 outputs' (B[o, 2k], B[o, 2k + 1]), i.e. ``dst`` read as
+    [ceil(N/16), R/2, 16, 2] (see LORA_BF16 in qmatmul.c)."""
     R, N = bt.shape
     full = N // 16
+    if dst.dtype == torch.bfloat16:
+        if R % 2:
+            raise ValueError(f"bfloat16 panels need an even rank, got {R}")
+        d = dst.view(dst.shape[0], R // 2, 16, 2)
+        d[:full].copy_(bt[:, : 16 * full].reshape(R // 2, 2, full, 16).permute(2, 0, 3, 1))
+        if N % 16:
+            d[full, :, : N % 16].copy_(bt[:, 16 * full :].reshape(R // 2, 2, N % 16).permute(0, 2, 1))
+        return
     dst[:full].copy_(bt[:, : 16 * full].reshape(R, full, 16).permute(1, 0, 2))
     if N % 16:
         dst[full, :, : N % 16].copy_(bt[:, 16 * full :])
 
 
-def lora_panels(Bt: torch.Tensor) -> torch.Tensor:
-    """The float16 panels of ``Bt`` [S, R, N] (every slot), for :func:`lora_rows`."""
+def lora_panels(Bt: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The panels of ``Bt`` [S, R, N] (every slot) in ``dtype`` (float16, or bfloat16 for the
+    kernel's bfloat16 LoRA), for :func:`lora_rows`."""
     S, R, N = Bt.shape
-    out = torch.zeros(panels_shape(S, N, R), dtype=torch.float16)
+    out = torch.zeros(panels_shape(S, N, R), dtype=dtype)
     for s in range(S):
         write_panels(out[s], Bt[s])
     return out
@@ -107,12 +127,19 @@ def lora_panels(Bt: torch.Tensor) -> torch.Tensor:
 
 def lora_rows(A: torch.Tensor, B_panels: torch.Tensor, output_slices: tuple[int, ...]) -> Any:
     """A pointer to the C descriptor of one stacked projection's LoRA (A [S, n*R, K] with the
-    scaling folded in, B_panels as :func:`panels_shape`; both float16, see ``LoRAStack`` in
-    coe.engine.model for why), for :meth:`BlockWeight.matmul`; None where the kernel cannot
-    fuse it (a slice width that is not a multiple of 8). The caller keeps the tensors alive
-    (read live: slot writes show)."""
-    if A.dtype != torch.float16 or B_panels.dtype != torch.float16:
-        raise ValueError(f"lora_rows needs A and B_panels in float16, got {A.dtype} and {B_panels.dtype}")
+    scaling folded in, B_panels as :func:`panels_shape`; both float16, or both bfloat16 for the
+    kernel's bfloat16 LoRA: see ``LoRAStack`` in coe.engine.model), for
+    :meth:`BlockWeight.matmul`; None where the kernel cannot fuse it (a slice width that is not a
+    multiple of 8). The caller keeps the tensors alive (read live: slot writes show)."""
+    bf16 = A.dtype == torch.bfloat16
+    if A.dtype not in (torch.float16, torch.bfloat16) or B_panels.dtype != A.dtype:
+        raise ValueError(f"lora_rows needs A and B_panels both in float16 or both in bfloat16, got {A.dtype} and "
+                         f"{B_panels.dtype}")
+    if bf16 and not lora_bf16_available():
+        raise ValueError("lora_rows got bfloat16 A and B_panels, but this build of the kernel has no bfloat16 LoRA "
+                         "(it needs a CPU with AVX512-BF16); pass float16 copies")
+    if bf16 and B_panels.shape[2] % 2:
+        raise ValueError(f"lora_rows needs an even rank for bfloat16 panels, got {B_panels.shape[2]}")
     shape = tuple(B_panels.shape)
     if len(shape) != 4 or shape != panels_shape(shape[0], sum(output_slices), shape[2]):
         raise ValueError(f"lora_rows needs B_panels shaped as panels_shape(S, {sum(output_slices)}, R), "
@@ -123,7 +150,7 @@ def lora_rows(A: torch.Tensor, B_panels: torch.Tensor, output_slices: tuple[int,
     for d in output_slices:
         bounds.append(bounds[-1] + d)
     desc = LoRARows(A.data_ptr(), B_panels.data_ptr(), B_panels.shape[2], len(output_slices),
-                    (_I64 * (MAX_SLICES + 1))(*bounds))
+                    (_I64 * (MAX_SLICES + 1))(*bounds), int(bf16))
     return ctypes.pointer(desc)
 
 

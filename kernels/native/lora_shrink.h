@@ -68,8 +68,59 @@ static inline __attribute__((always_inline)) void reduce_tile16(__m512 acc[4][TT
                                         _mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(3, 1, 3, 1))));
 }
 
+#ifdef __AVX512BF16__
+/* A bfloat16 value's bits rounded to nearest even from x (finite x), as the vector conversions round. */
+static inline float bf16_round(float x) {
+    union { float f; uint32_t u; } v = {x};
+    v.u = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) & 0xFFFF0000u;
+    return v.f;
+}
+
+static inline float bf16_at(const void *a, long c) {
+    union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)a)[c] << 16};
+    return v.f;
+}
+
+/* dots_tile with A in bfloat16 and each x rounded to bfloat16 (nearest even) as it is loaded:
+ * vdpbf16ps adds the products of 32 (A, x) pairs into 16 float32 lanes, twice the multiply-adds
+ * of an FMA per instruction and no widening of A. The lanes are then summed as dots_tile sums
+ * them, and the tail (k not a multiple of 32) one product at a time, so that, again, a (token,
+ * row) dot product does not depend on its tile. The fused block kernel's opt-in low-precision
+ * LoRA (see lora_rows in coe/engine/native/qmatmul.c). */
+static inline __attribute__((always_inline)) void dots_tile_bf16(const void *const *a, const float *const *xs, long k,
+                                                                 float out[][TT], const int NJ, const int NT) {
+    __m512 acc[4][TT];
+    for (int j = 0; j < NJ; j++)
+        for (int i = 0; i < NT; i++) acc[j][i] = _mm512_setzero_ps();
+    long c = 0;
+    for (; c + 32 <= k; c += 32) {
+        __m512bh av[4];
+        for (int j = 0; j < NJ; j++) av[j] = (__m512bh)_mm512_loadu_si512((const uint16_t *)a[j] + c);
+        for (int i = 0; i < NT; i++) {
+            const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xs[i] + c + 16), _mm512_loadu_ps(xs[i] + c));
+            for (int j = 0; j < NJ; j++) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av[j], xv);
+        }
+    }
+    float red[16];
+    if (NJ == 4 && NT == 4) reduce_tile16(acc, red);
+    for (int j = 0; j < NJ; j++)
+        for (int i = 0; i < NT; i++) {
+            float r = NJ == 4 && NT == 4 ? red[4 * i + j] : _mm512_reduce_add_ps(acc[j][i]);
+            for (long q = c; q < k; q++) r += bf16_at(a[j], q) * bf16_round(xs[i][q]);
+            out[j][i] = r;
+        }
+}
+#endif
+
+/* HALF: A in float32 (0), float16 (1), or bfloat16 (2, AVX512-BF16 builds: dots_tile_bf16). */
 static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
                                                             float out[][TT], const int NJ, const int NT, const int HALF) {
+#ifdef __AVX512BF16__
+    if (HALF == 2) {
+        dots_tile_bf16(a, xs, k, out, NJ, NT);
+        return;
+    }
+#endif
     __m512 acc[4][TT];
     for (int j = 0; j < NJ; j++)
         for (int i = 0; i < NT; i++) acc[j][i] = _mm512_setzero_ps();
@@ -144,12 +195,18 @@ static void dots_half(const void *const *a, int nj, const float *const *xs, int 
     dots_t(a, nj, xs, nt, k, out, 1);
 }
 
+#ifdef __AVX512BF16__
+static void dots_bf16(const void *const *a, int nj, const float *const *xs, int nt, long k, float out[][TT]) {
+    dots_t(a, nj, xs, nt, k, out, 2);
+}
+#endif
+
 #define SHRINK_ROWS 4       /* rows of A per shrink task */
 
 /* h[t, j0 + j] = A rows j0.. of one slot (a0 points at row j0) . x[t] for rows j < rows and the
  * tokens order[q0..q1): tiles of up to 4 tokens, against the rows two at a time, or four at
- * once for tiles of up to NJ4_MAX_NT tokens. A is float32, or float16 when ``half`` (then every
- * product uses A's value widened exactly). */
+ * once for tiles of up to NJ4_MAX_NT tokens. A is float32, or float16 when ``half`` is 1 (then
+ * every product uses A's value widened exactly), or bfloat16 when it is 2 (dots_tile_bf16). */
 static inline __attribute__((always_inline)) void shrink_block(const char *a0, long j0, long rows, long nR, long d_in,
                                                               const float *x, long ldx,
                                                               const lora_step *sp, long q0, long q1, int half)
@@ -164,6 +221,9 @@ static inline __attribute__((always_inline)) void shrink_block(const char *a0, l
             const void *a[4] = {a0 + j * d_in * esize, a0 + (j + 1) * d_in * esize, a0 + (j + 2) * d_in * esize,
                                 a0 + (j + 3) * d_in * esize};
             float out[4][TT];
+#ifdef __AVX512BF16__
+            if (half == 2) dots_bf16(a, nj, xs, nt, d_in, out); else
+#endif
             if (half) dots_half(a, nj, xs, nt, d_in, out); else dots(a, nj, xs, nt, d_in, out);
             for (int i = 0; i < nt; i++)
                 for (int jj = 0; jj < nj; jj++) sp->h[(long)sp->order[q + i] * nR + j0 + j + jj] = out[jj][i];

@@ -49,8 +49,16 @@ def test_kernel_times_runs_the_three_cases(tiny_dir):
         import pytest
 
         pytest.skip("block kernels unavailable")
+    from coe.engine.quantized import lora_bf16_available
+
     res = bench.kernel_times(str(tiny_dir), threads=1, iterations=2, rows=5, log=lambda m: None)
-    assert set(res["ms"]) == {"base", "one_adapter", "eight_adapters"} and all(v > 0 for v in res["ms"].values())
+    cases = {"base", "one_adapter", "eight_adapters"}
+    if lora_bf16_available():  # the same adapters' bfloat16 copies, paired against the float16 ones
+        cases |= {"one_adapter_bf16", "eight_adapters_bf16"}
+        assert set(res["bf16_minus_f16_ms"]) == {"one_adapter", "eight_adapters"}
+    else:
+        assert "bf16_minus_f16_ms" not in res
+    assert set(res["ms"]) == cases and all(v > 0 for v in res["ms"].values())
     assert res["calls"] > 0 and res["one_over_base"] > 0 and res["eight_over_one"] > 0
 
 

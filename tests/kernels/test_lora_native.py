@@ -147,8 +147,11 @@ def test_isa_choice_follows_the_cpu_and_coe_native_isa(monkeypatch):
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     assert native.isa() == "avx2" and "-mavx512f" not in native.build_flags()
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}) | native.AVX512_CPU)
-    assert native.isa() == "avx512" and "-mavx512f" in native.build_flags()
+    assert native.isa() == "avx512" and "-mavx512f" in native.build_flags() and "-mavx512bf16" not in native.build_flags()
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512_bf16"}) | native.AVX512_CPU)
+    assert "-mavx512bf16" in native.build_flags()  # the AVX-512 build's bfloat16 LoRA where the CPU has it
     monkeypatch.setenv("COE_NATIVE_ISA", "AVX2")
+    assert "-mavx512bf16" not in native.build_flags()
     assert native.isa() == "avx2"
     monkeypatch.setenv("COE_NATIVE_ISA", "sse4")
     with pytest.raises(ValueError, match="COE_NATIVE_ISA='sse4'.*avx2, avx512"):

@@ -290,6 +290,7 @@ typedef struct {
     const uint16_t *P;
     int64_t R, n;
     int64_t bounds[9];
+    int64_t bf16;  /* A and the panels in bfloat16 (see LORA_BF16 below), else float16 */
 } lora_rows;
 
 #define PSTRIDE (2 * NBLK)  /* float16 values from one row of a block's panel to the next */
@@ -356,20 +357,109 @@ static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *
 }
 #endif
 
-/* Blocks c0..c1 (of the call's, from block blk) for a tile of nt tokens with 8-float vectors:
+#ifdef __AVX512BF16__
+/* LORA_BF16: the opt-in bfloat16 LoRA of AVX512-BF16 CPUs (lr->bf16; coe.engine.model.LoRAStack
+ * says when the engine takes it). A is bfloat16 [S, nR, K] and each pair's panel holds R/2 rows
+ * of 32 values: row k is output o's (B[o, 2k], B[o, 2k + 1]) for the pair's 16 outputs in order
+ * (block 2p's 8, then block 2p + 1's), so that one vdpbf16ps adds two rank steps of 16 outputs:
+ * [S, ceil(N/16), R/2, 16, 2], the float16 panels' size (R even). h is rounded to bfloat16 as
+ * the expand reads it, x as the shrink reads it (dots_tile_bf16). Each output sums its rank
+ * pairs in order in one chain whatever its tile, as the float16 path does.
+ * Why: vdpbf16ps does 32 multiply-adds where an FMA does 16, and needs no widening of A or B.
+ * The price is precision: x, A, h and B rounded to 8 significant bits (relative 2^-9). */
+#define LORA_BF16 1
+
+/* Block g's panel (its row 0) among a slot's bfloat16 panels pb: 16 values of each 32-value row. */
+static inline const uint16_t *block_panel_bf(const uint16_t *pb, long g, long R)
+{
+    return pb + (g / 2) * R * PSTRIDE + (g % 2) * 2 * NBLK;
+}
+
+/* h of NT tokens (ht[g], R values) as bfloat16 pairs: hp[g * R2 + k] holds (h[2k], h[2k + 1]). */
+static inline void h_pairs(const float *const *ht, long R, int nt, uint32_t *hp)
+{
+    const long R2 = R / 2;
+    for (int g = 0; g < nt; g++)
+        for (long c = 0; c < R; c += 16) {
+            const __mmask16 m = R - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (R - c)) - 1);
+            const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, ht[g] + c));
+            _mm256_mask_storeu_epi16((uint16_t *)(hp + g * R2) + c, m, (__m256i)b);
+        }
+}
+
+/* expand_tile16 in bfloat16: NP pairs' panels (pair[p]) against NT tokens' h pairs. */
+static inline __attribute__((always_inline)) void expand_tile16_bf(const uint16_t *const *pair, const uint32_t *hp, long R2,
+                                                                   float *const *yt, const int NT, const int NP)
+{
+    __m512 acc[TTE][EXPAND_PAIRS];
+    for (int g = 0; g < NT; g++)
+        for (int p = 0; p < NP; p++) acc[g][p] = _mm512_setzero_ps();
+    for (long k = 0; k < R2; k++) {
+        __m512bh bv[EXPAND_PAIRS];
+        for (int p = 0; p < NP; p++) bv[p] = (__m512bh)_mm512_loadu_si512(pair[p] + k * 2 * PSTRIDE);
+        for (int g = 0; g < NT; g++) {
+            const __m512bh hv = (__m512bh)_mm512_set1_epi32((int)hp[g * R2 + k]);
+            for (int p = 0; p < NP; p++) acc[g][p] = _mm512_dpbf16_ps(acc[g][p], hv, bv[p]);
+        }
+    }
+    for (int g = 0; g < NT; g++)
+        for (int p = 0; p < NP; p++)
+            _mm512_storeu_ps(yt[g] + p * 2 * NBLK, _mm512_add_ps(_mm512_loadu_ps(yt[g] + p * 2 * NBLK), acc[g][p]));
+}
+
+/* expand_tile in bfloat16: NB single blocks (panel[c], block_panel_bf) with 8-float vectors. */
+static inline __attribute__((always_inline)) void expand_tile_bf(const uint16_t *const *panel, const uint32_t *hp, long R2,
+                                                                 float *const *yt, const int NT, const int NB)
+{
+    __m256 acc[TT][4];
+    for (int g = 0; g < NT; g++)
+        for (int c = 0; c < NB; c++) acc[g][c] = _mm256_setzero_ps();
+    for (long k = 0; k < R2; k++) {
+        __m256bh bv[4];
+        for (int c = 0; c < NB; c++) bv[c] = (__m256bh)_mm256_loadu_si256((const __m256i *)(panel[c] + k * 2 * PSTRIDE));
+        for (int g = 0; g < NT; g++) {
+            const __m256bh hv = (__m256bh)_mm256_set1_epi32((int)hp[g * R2 + k]);
+            for (int c = 0; c < NB; c++) acc[g][c] = _mm256_dpbf16_ps(acc[g][c], hv, bv[c]);
+        }
+    }
+    for (int g = 0; g < NT; g++)
+        for (int c = 0; c < NB; c++)
+            _mm256_storeu_ps(yt[g] + c * NBLK, _mm256_add_ps(_mm256_loadu_ps(yt[g] + c * NBLK), acc[g][c]));
+}
+#endif
+
+#ifdef LORA_BF16
+#define BLOCK_PANEL_BF block_panel_bf
+#else
+#define BLOCK_PANEL_BF block_panel  /* never taken: hp is NULL without LORA_BF16 */
+#endif
+
+/* Blocks c0..c1 (of the call's, from block blk) for a tile of nt tokens with 8-float vectors
+ * (the bfloat16 panels' tiles where hp, the tile's h pairs, is not NULL):
  * 4, 2 or 1 blocks at a time, tokens 4 at a time. */
 static inline void expand_blocks8(const uint16_t *pb, long R, long blk, int c0, int c1, const float *const *ht, float *const *yt,
-                                  int nt)
+                                  int nt, const uint32_t *hp)
 {
     for (int c = c0; c < c1;) {
         const int nb = nt <= 2 && c1 - c >= 4 ? 4 : (c1 - c >= 2 ? 2 : 1);
         const uint16_t *pc[4];
-        for (int k = 0; k < nb; k++) pc[k] = block_panel(pb, blk + c + k, R);
+        for (int k = 0; k < nb; k++) pc[k] = hp ? BLOCK_PANEL_BF(pb, blk + c + k, R) : block_panel(pb, blk + c + k, R);
         for (int g0 = 0; g0 < nt; g0 += TT) {
             const int mt = nt - g0 < TT ? nt - g0 : TT;
             float *yc[TT];
             for (int g = 0; g < mt; g++) yc[g] = yt[g0 + g] + c * NBLK;
             const float *const *hc = ht + g0;
+#ifdef LORA_BF16
+            if (hp) {
+                const uint32_t *hq = hp + g0 * (R / 2);
+#define EXPAND_NT(NB) switch (mt) { \
+                case 4: expand_tile_bf(pc, hq, R / 2, yc, 4, NB); break; case 3: expand_tile_bf(pc, hq, R / 2, yc, 3, NB); break; \
+                case 2: expand_tile_bf(pc, hq, R / 2, yc, 2, NB); break; default: expand_tile_bf(pc, hq, R / 2, yc, 1, NB); break; }
+                if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
+#undef EXPAND_NT
+                continue;
+            }
+#endif
 #define EXPAND_NT(NB) switch (mt) { \
             case 4: expand_tile(pc, hc, R, yc, 4, NB); break; case 3: expand_tile(pc, hc, R, yc, 3, NB); break; \
             case 2: expand_tile(pc, hc, R, yc, 2, NB); break; default: expand_tile(pc, hc, R, yc, 1, NB); break; }
@@ -424,9 +514,17 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
                 yt[g] = y + (long)sp->order[q + g] * ldy + n0;
             }
             int c = 0;
+            const uint32_t *hp = NULL;  /* the tile's h as bfloat16 pairs, in the bfloat16 LoRA */
+#ifdef LORA_BF16
+            uint32_t hbuf[lr->bf16 ? TTE * (R / 2) : 1];
+            if (lr->bf16) {
+                h_pairs(ht, R, nt, hbuf);
+                hp = hbuf;
+            }
+#endif
 #ifdef __AVX512F__
             if (blk % 2) {  /* the second block of a pair: alone */
-                expand_blocks8(pb, R, blk, 0, 1, ht, yt, nt);
+                expand_blocks8(pb, R, blk, 0, 1, ht, yt, nt, hp);
                 c = 1;
             }
             const int npmax = nt > 4 ? 3 : EXPAND_PAIRS;  /* at most 24 accumulators */
@@ -436,6 +534,24 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
                 for (int k = 0; k < np; k++) pc[k] = block_panel(pb, blk + c + 2 * k, R);
                 float *yc[TTE];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
+#ifdef LORA_BF16
+                if (hp) {
+                    const long R2 = R / 2;
+#define EXPAND16_NT(NP) switch (nt) { \
+                    case 4: expand_tile16_bf(pc, hp, R2, yc, 4, NP); break; case 3: expand_tile16_bf(pc, hp, R2, yc, 3, NP); break; \
+                    case 2: expand_tile16_bf(pc, hp, R2, yc, 2, NP); break; default: expand_tile16_bf(pc, hp, R2, yc, 1, NP); break; }
+#define EXPAND16_WIDE(NP) switch (nt) { \
+                    case 8: expand_tile16_bf(pc, hp, R2, yc, 8, NP); break; case 7: expand_tile16_bf(pc, hp, R2, yc, 7, NP); break; \
+                    case 6: expand_tile16_bf(pc, hp, R2, yc, 6, NP); break; default: expand_tile16_bf(pc, hp, R2, yc, 5, NP); break; }
+                    if (nt > 4) { if (np == 3) { EXPAND16_WIDE(3) } else if (np == 2) { EXPAND16_WIDE(2) } else { EXPAND16_WIDE(1) } }
+                    else if (np == 6) { EXPAND16_NT(6) } else if (np == 5) { EXPAND16_NT(5) } else if (np == 4) { EXPAND16_NT(4) }
+                    else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) } else { EXPAND16_NT(1) }
+#undef EXPAND16_NT
+#undef EXPAND16_WIDE
+                    c += 2 * np;
+                    continue;
+                }
+#endif
 #define EXPAND16_NT(NP) switch (nt) { \
                 case 4: expand_tile16(pc, ht, R, yc, 4, NP); break; case 3: expand_tile16(pc, ht, R, yc, 3, NP); break; \
                 case 2: expand_tile16(pc, ht, R, yc, 2, NP); break; default: expand_tile16(pc, ht, R, yc, 1, NP); break; }
@@ -450,7 +566,7 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
                 c += 2 * np;
             }
 #endif
-            expand_blocks8(pb, R, blk, c, nblk, ht, yt, nt);  /* what is left */
+            expand_blocks8(pb, R, blk, c, nblk, ht, yt, nt, hp);  /* what is left */
         }
     }
 }
@@ -530,13 +646,13 @@ static inline long steal_tail(long tasks) { return tasks < STEAL_TAIL ? tasks : 
 
 /* Unit j of the range of `tasks` tasks from k0: a whole task, or half of one of the last few. */
 static inline void fused_shrink_unit(const uint16_t *A, long nR, long K, const float *x, long ldx, const lora_step *sp,
-                                     long k0, long tasks, long j)
+                                     long k0, long tasks, long j, int fmt)
 {
     const long first = tasks - steal_tail(tasks);  /* the first task cut in halves */
     if (j < first)
-        lora_shrink_task(A, nR, K, x, ldx, sp, k0 + j, 0, 1, 1);
+        lora_shrink_task(A, nR, K, x, ldx, sp, k0 + j, 0, 1, fmt);
     else
-        lora_shrink_task(A, nR, K, x, ldx, sp, k0 + first + (j - first) / 2, (int)((j - first) % 2), 2, 1);
+        lora_shrink_task(A, nR, K, x, ldx, sp, k0 + first + (j - first) / 2, (int)((j - first) % 2), 2, fmt);
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T (+ each row's LoRA when lr is not
@@ -633,7 +749,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 split(ntasks, o, nt, &a0, &a1);
                 const long units = a1 - a0 + steal_tail(a1 - a0);
                 for (long j; (j = __atomic_fetch_add(&next_unit[o][0], 1, __ATOMIC_RELAXED)) < units;)
-                    fused_shrink_unit(lr->A, nR, K, x, ldx, sp, a0, a1 - a0, j);
+                    fused_shrink_unit(lr->A, nR, K, x, ldx, sp, a0, a1 - a0, j, lr->bf16 ? 2 : 1);
             }
 #pragma omp barrier
             long i = 0;
@@ -679,4 +795,14 @@ void coe_q80_matmul(const float *x, long ldx, const int8_t *qs, const float *d, 
     }
 }
 
-int coe_native_abi(void) { return 6; }
+int coe_native_abi(void) { return 7; }
+
+/* Whether this build has the bfloat16 LoRA (LORA_BF16: built with -mavx512bf16). */
+int coe_native_lora_bf16(void)
+{
+#ifdef LORA_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
