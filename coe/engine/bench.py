@@ -24,7 +24,10 @@ transformers+PEFT runs on the engine's loop thread, so both sides use the one Op
   when the previous one used another resident adapter: the median of 16 x repeats pairs;
 - ``cold_load_ms`` (< 100): reading an r=16 all-linear adapter from local disk into a slot;
 - ``itl_p99_during_load_ratio`` (< 2): running streams' p99 inter-token latency while a cold
-  adapter loads, over their median;
+  adapter loads, over their median (``itl_p99_after_load_ratio``: the same streams' p99 after
+  the load, the run's control);
+- the start-up heap is frozen after the warm-ups, as ``coe serve`` freezes it
+  (``coe.engine.threads.freeze_heap``);
 - ``peak_rss_mb``: the process's peak resident memory after the engine's warm-up and engine-only
   runs (before the transformers baseline is loaded); ``peak_rss_total_mb`` after everything.
   ``peft_single_stream_base_tok_s`` is plain transformers (no PEFT wrapper) on the base model.
@@ -48,7 +51,7 @@ from typing import Any
 import torch
 
 from coe.engine.outputs import GenerationOutput, StreamDelta
-from coe.engine.threads import run_in_fresh_thread, compute_on_one_thread
+from coe.engine.threads import compute_on_one_thread, freeze_heap, run_in_fresh_thread, unfreeze_heap
 
 PROMPT_TOKENS = 40
 NUM_ADAPTERS = 8
@@ -231,10 +234,10 @@ def _cold_load_ms(engine: Any, path: Path, repeats: int) -> float:
 
 
 def _itl_run(engine: Any, prompts: list[str], names: list[str], cold: Path,
-             new_tokens: int) -> tuple[list[float], list[float], float]:
+             new_tokens: int) -> tuple[list[float], list[float], float, list[float]]:
     """One run of :func:`_itl_during_load`: the streams' inter-token gaps, those that overlap the
-    load of ``cold`` (started once every stream has a quarter of its tokens), and the load's
-    seconds."""
+    load of ``cold`` (started once every stream has a quarter of its tokens), the load's
+    seconds, and the gaps of the streams' decoding after the load (the same run's control)."""
     arrivals: list[list[float]] = [[] for _ in prompts]
     streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, names)]
 
@@ -254,33 +257,40 @@ def _itl_run(engine: Any, prompts: list[str], names: list[str], cold: Path,
     for t in threads:
         t.join()
     engine.unload_adapter("cold-itl")
-    gaps, during = [], []
+    gaps, during, after = [], [], []
     for a in arrivals:
         for t0, t1 in zip(a, a[1:]):
             gaps.append(t1 - t0)
             if t1 >= t_load and t0 <= t_done:
                 during.append(t1 - t0)
-    return gaps, during, t_done - t_load
+            elif t0 > t_done:
+                after.append(t1 - t0)
+    return gaps, during, t_done - t_load, after
 
 
 def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Path, new_tokens: int) -> dict[str, float]:
     """Streams decode while an adapter is read from disk (off the loop thread) and made resident.
 
-    Returns the streams' median ITL, the p99 ITL of gaps overlapping the load, and their ratio.
+    Returns the streams' median ITL, the p99 ITL of gaps overlapping the load, and their ratio;
+    and, as the run's own control, the p99 of the gaps after the load over the same median
+    (``itl_p99_after_load_ratio``: what the machine's noise alone does to the tail; NaN where no
+    gap follows the load). A step's gap is every stream's at once, so over a load window of ~15
+    steps the p99 is in effect the slowest step's gap.
     The streams run at least 64 tokens; where they still ended before the load began (no gap
     overlaps it: a tiny model on a fast machine), the run is repeated with 4x the tokens, up to
     twice, rather than reporting no ratio.
     """
     new_tokens = max(new_tokens, 64)
     for _ in range(3):
-        gaps, during, window = _itl_run(engine, prompts, names, cold, new_tokens)
+        gaps, during, window, after = _itl_run(engine, prompts, names, cold, new_tokens)
         if during:
             break
         new_tokens *= 4
     med = _median(gaps)
     p99 = float(torch.tensor(during).quantile(0.99)) if during else float("nan")
+    p99_after = float(torch.tensor(after).quantile(0.99)) if after else float("nan")
     return {"itl_median_ms": med * 1e3, "itl_p99_during_load_ms": p99 * 1e3, "itl_p99_during_load_ratio": p99 / med,
-            "load_window_ms": window * 1e3}
+            "itl_p99_after_load_ratio": p99_after / med, "load_window_ms": window * 1e3}
 
 
 # --------------------------------------------------------------------------- transformers side
@@ -361,6 +371,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     log(f"engine: {engine.model_id}, {threads} threads; warm-up and engine-only measurements...")
     for fn in cases.values():
         fn()
+    freeze_heap()  # as `coe serve` does once started (coe.engine.threads.freeze_heap); again after PEFT's load below
     # A short prompt: the switch's cost, if any, is the same in ms, and a shorter request's
     # latency carries less of the machine's noise (3 runs each, in one process: the bench prompt
     # x 24 pairs gave +3.10 / +1.04 / +0.29 ms, this one x 48 pairs -0.62 / -0.18 / -0.14).
@@ -401,6 +412,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
         }
         for fn in peft_cases.values():
             fn()
+        freeze_heap()
         order = ["single", "peft_single", "single_base", "peft_single_base", "mixed16", "peft_mixed16", "uniform16", "base16"]
         cases.update(peft_cases)
         cases = {k: cases[k] for k in order}
@@ -442,6 +454,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     res["ratio_round_seconds"] = {k: [round(t, 3) for t in v] for k, v in ratio_times.items()}
     res["engine_stats"] = {k: v for k, v in engine.stats().items() if k in ("steps_total", "tokens_total", "kv_cache_reserved_bytes", "weight_bytes")}
     engine.shutdown()
+    unfreeze_heap()
     res["peak_rss_total_mb"] = _rss_mb()
     shutil.rmtree(tmp, ignore_errors=True)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}

@@ -21,6 +21,7 @@ runs on one core, which costs it nothing measurable: 8.9 ms p50 with 1 thread, 7
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import threading
 import time
@@ -124,6 +125,29 @@ def cooperate() -> None:
     Python work on background threads calls it every few units of work."""
     if foreground_busy() and getattr(_local, "background", False):
         time.sleep(YIELD_S)
+
+
+def freeze_heap() -> int:
+    """Collect garbage once, then take every object now alive out of the cyclic collector's
+    scans (``gc.freeze``); returns how many objects are frozen. For a process's startup, once the
+    engine (or the server's pipeline) is built and warm; :func:`unfreeze_heap` undoes it.
+
+    Why: a full (generation 2) collection walks every tracked object, ~300,000 once the engine,
+    transformers and the tokenizer are loaded, while holding the GIL, and the decode loop needs
+    the GIL after each of a step's torch ops and kernel calls: every stream stalls for the pass.
+    Measured on the 2-core EPYC (SmolLM2 engine with 8 adapters, after 16-request runs): a full
+    collection took 152-162 ms, 0.0 ms with the heap frozen. Such passes are rare while serving
+    (none in 78 s of 16-request runs with cold loads), so this bounds a rare stall rather than
+    speeding up steps. vLLM's engine core and SGLang do the same after start-up. The cost:
+    reference cycles among the frozen objects are not collected until :func:`unfreeze_heap`."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+def unfreeze_heap() -> None:
+    """Undo :func:`freeze_heap` (at shutdown): the frozen objects are collectable again."""
+    gc.unfreeze()
 
 
 def one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:

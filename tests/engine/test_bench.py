@@ -27,6 +27,11 @@ def test_bench_engine_writes_all_keys(tmp_path, tiny_dir, capsys):
     for k in KEYS:
         assert isinstance(res[k], (int, float)) and math.isfinite(res[k]), (k, res.get(k))
     assert res["single_stream_tok_s"] > 0 and res["cold_load_ms"] > 0
+    assert res["fused_lora_dtype"] == "float16"
+    assert "itl_p99_after_load_ratio" in res  # the ITL measurement's control (NaN where no gap follows the load)
+    import gc
+
+    assert gc.get_freeze_count() == 0  # the bench froze its start-up heap, and unfroze it at the end
     printed = capsys.readouterr().out
     assert "mixed16_speedup" in printed and "goal >= 3.0" in printed
 
@@ -128,3 +133,15 @@ def test_ratio_rounds_must_be_a_positive_whole_number(value, why, capsys):
     assert "--ratio-rounds" in err and why in err
     with pytest.raises(ValueError, match="ratio_rounds must be at least 1"):  # before anything loads
         bench.run("/nonexistent", ratio_rounds=0)
+
+
+def test_cli_passes_the_fused_lora_dtype():
+    """``coe bench engine --fused-lora-dtype`` reaches bench.main (default float16); other values
+    are refused by the parser."""
+    from coe.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["bench", "engine"]).fused_lora_dtype == "float16"
+    assert p.parse_args(["bench", "engine", "--fused-lora-dtype", "bfloat16"]).fused_lora_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "engine", "--fused-lora-dtype", "fp8"])

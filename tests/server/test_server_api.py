@@ -208,3 +208,20 @@ def test_lifespan_builds_and_shuts_down_the_pipeline(fake_setup, monkeypatch):
         assert chat(c, "select from table").json()["coe"]["expert"] == "sql"
     assert calls == [(cfg, True)]
     assert engine.shutdown_called
+
+
+def test_lifespan_freezes_the_startup_heap_and_unfreezes_it(fake_setup):
+    """While the app runs, the objects alive at start-up are out of the collector's full passes
+    (``coe.engine.threads.freeze_heap``); at shutdown they are collectable again."""
+    import gc
+
+    from litestar.testing import TestClient
+
+    from coe.server.app import create_app
+    from coe.server.auth import ApiKeys
+
+    cfg, _engine, pipeline = fake_setup
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(cfg, pipeline=pipeline, api_keys=ApiKeys())) as c:
+        assert gc.get_freeze_count() > 1000 and c.get("/health").status_code == 200
+    assert gc.get_freeze_count() == 0
