@@ -153,9 +153,11 @@ def test_fuzzed_requests_never_get_a_5xx(real):
 
     one()
     assert len(sent) >= min(EXAMPLES, 200)
-    # the generated bodies reach the engine often enough to mean something
+    # the generated bodies reach the engine often enough to mean something. The draws, though
+    # derandomized, differ with what ran before in the process: 30 completions served run alone,
+    # 19 after tests/server (chat 93-96), so the bars sit below both.
     served = [e for e, status in sent if status == 200]
-    assert served.count("chat/completions") >= 40 and served.count("completions") >= 20, Counter(sent)
+    assert served.count("chat/completions") >= 40 and served.count("completions") >= 15, Counter(sent)
     assert real.http.get("/health").status_code == 200
     assert real.answer("json", "hello there", max_tokens=8) == reference
     real.wait_idle()
