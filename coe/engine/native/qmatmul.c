@@ -428,6 +428,36 @@ static inline __attribute__((always_inline)) void expand_tile_bf(const uint16_t 
 }
 #endif
 
+/* One tile of single blocks (expand_tile), or its bfloat16 twin where hp (the tile's h pairs) is set. */
+static inline __attribute__((always_inline)) void block_tile(const uint16_t *const *panel, const float *const *ht,
+                                                             const uint32_t *hp, long R, float *const *yt, const int NT,
+                                                             const int NB)
+{
+#ifdef LORA_BF16
+    if (hp) {
+        expand_tile_bf(panel, hp, R / 2, yt, NT, NB);
+        return;
+    }
+#endif
+    expand_tile(panel, ht, R, yt, NT, NB);
+}
+
+#ifdef __AVX512F__
+/* One tile of pairs (expand_tile16), or its bfloat16 twin where hp is set. */
+static inline __attribute__((always_inline)) void pair_tile(const uint16_t *const *pair, const float *const *ht,
+                                                            const uint32_t *hp, long R, float *const *yt, const int NT,
+                                                            const int NP)
+{
+#ifdef LORA_BF16
+    if (hp) {
+        expand_tile16_bf(pair, hp, R / 2, yt, NT, NP);
+        return;
+    }
+#endif
+    expand_tile16(pair, ht, R, yt, NT, NP);
+}
+#endif
+
 #ifdef LORA_BF16
 #define BLOCK_PANEL_BF block_panel_bf
 #else
@@ -449,20 +479,10 @@ static inline void expand_blocks8(const uint16_t *pb, long R, long blk, int c0, 
             float *yc[TT];
             for (int g = 0; g < mt; g++) yc[g] = yt[g0 + g] + c * NBLK;
             const float *const *hc = ht + g0;
-#ifdef LORA_BF16
-            if (hp) {
-                const uint32_t *hq = hp + g0 * (R / 2);
+            const uint32_t *hq = hp ? hp + g0 * (R / 2) : NULL;
 #define EXPAND_NT(NB) switch (mt) { \
-                case 4: expand_tile_bf(pc, hq, R / 2, yc, 4, NB); break; case 3: expand_tile_bf(pc, hq, R / 2, yc, 3, NB); break; \
-                case 2: expand_tile_bf(pc, hq, R / 2, yc, 2, NB); break; default: expand_tile_bf(pc, hq, R / 2, yc, 1, NB); break; }
-                if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
-#undef EXPAND_NT
-                continue;
-            }
-#endif
-#define EXPAND_NT(NB) switch (mt) { \
-            case 4: expand_tile(pc, hc, R, yc, 4, NB); break; case 3: expand_tile(pc, hc, R, yc, 3, NB); break; \
-            case 2: expand_tile(pc, hc, R, yc, 2, NB); break; default: expand_tile(pc, hc, R, yc, 1, NB); break; }
+            case 4: block_tile(pc, hc, hq, R, yc, 4, NB); break; case 3: block_tile(pc, hc, hq, R, yc, 3, NB); break; \
+            case 2: block_tile(pc, hc, hq, R, yc, 2, NB); break; default: block_tile(pc, hc, hq, R, yc, 1, NB); break; }
             if (nb == 4) { EXPAND_NT(4) } else if (nb == 2) { EXPAND_NT(2) } else { EXPAND_NT(1) }
 #undef EXPAND_NT
         }
@@ -534,30 +554,12 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
                 for (int k = 0; k < np; k++) pc[k] = block_panel(pb, blk + c + 2 * k, R);
                 float *yc[TTE];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
-#ifdef LORA_BF16
-                if (hp) {
-                    const long R2 = R / 2;
 #define EXPAND16_NT(NP) switch (nt) { \
-                    case 4: expand_tile16_bf(pc, hp, R2, yc, 4, NP); break; case 3: expand_tile16_bf(pc, hp, R2, yc, 3, NP); break; \
-                    case 2: expand_tile16_bf(pc, hp, R2, yc, 2, NP); break; default: expand_tile16_bf(pc, hp, R2, yc, 1, NP); break; }
+                case 4: pair_tile(pc, ht, hp, R, yc, 4, NP); break; case 3: pair_tile(pc, ht, hp, R, yc, 3, NP); break; \
+                case 2: pair_tile(pc, ht, hp, R, yc, 2, NP); break; default: pair_tile(pc, ht, hp, R, yc, 1, NP); break; }
 #define EXPAND16_WIDE(NP) switch (nt) { \
-                    case 8: expand_tile16_bf(pc, hp, R2, yc, 8, NP); break; case 7: expand_tile16_bf(pc, hp, R2, yc, 7, NP); break; \
-                    case 6: expand_tile16_bf(pc, hp, R2, yc, 6, NP); break; default: expand_tile16_bf(pc, hp, R2, yc, 5, NP); break; }
-                    if (nt > 4) { if (np == 3) { EXPAND16_WIDE(3) } else if (np == 2) { EXPAND16_WIDE(2) } else { EXPAND16_WIDE(1) } }
-                    else if (np == 6) { EXPAND16_NT(6) } else if (np == 5) { EXPAND16_NT(5) } else if (np == 4) { EXPAND16_NT(4) }
-                    else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) } else { EXPAND16_NT(1) }
-#undef EXPAND16_NT
-#undef EXPAND16_WIDE
-                    c += 2 * np;
-                    continue;
-                }
-#endif
-#define EXPAND16_NT(NP) switch (nt) { \
-                case 4: expand_tile16(pc, ht, R, yc, 4, NP); break; case 3: expand_tile16(pc, ht, R, yc, 3, NP); break; \
-                case 2: expand_tile16(pc, ht, R, yc, 2, NP); break; default: expand_tile16(pc, ht, R, yc, 1, NP); break; }
-#define EXPAND16_WIDE(NP) switch (nt) { \
-                case 8: expand_tile16(pc, ht, R, yc, 8, NP); break; case 7: expand_tile16(pc, ht, R, yc, 7, NP); break; \
-                case 6: expand_tile16(pc, ht, R, yc, 6, NP); break; default: expand_tile16(pc, ht, R, yc, 5, NP); break; }
+                case 8: pair_tile(pc, ht, hp, R, yc, 8, NP); break; case 7: pair_tile(pc, ht, hp, R, yc, 7, NP); break; \
+                case 6: pair_tile(pc, ht, hp, R, yc, 6, NP); break; default: pair_tile(pc, ht, hp, R, yc, 5, NP); break; }
                 if (nt > 4) { if (np == 3) { EXPAND16_WIDE(3) } else if (np == 2) { EXPAND16_WIDE(2) } else { EXPAND16_WIDE(1) } }
                 else if (np == 6) { EXPAND16_NT(6) } else if (np == 5) { EXPAND16_NT(5) } else if (np == 4) { EXPAND16_NT(4) }
                 else if (np == 3) { EXPAND16_NT(3) } else if (np == 2) { EXPAND16_NT(2) } else { EXPAND16_NT(1) }
