@@ -24,8 +24,9 @@ transformers+PEFT runs on the engine's loop thread, so both sides use the one Op
   when the previous one used another resident adapter: the median of 16 x repeats pairs;
 - ``cold_load_ms`` (< 100): reading an r=16 all-linear adapter from local disk into a slot;
 - ``itl_p99_during_load_ratio`` (< 2): running streams' p99 inter-token latency while a cold
-  adapter loads, over their median (``itl_p99_after_load_ratio``: the same streams' p99 after
-  the load, the run's control);
+  adapter loads into a free slot, over their median (``itl_p99_after_load_ratio``: the same
+  streams' p99 after the load, the run's control; ``itl_load_wrote_slot``: the load did write
+  the slot);
 - the start-up heap is frozen after the warm-ups, as ``coe serve`` freezes it
   (``coe.engine.threads.freeze_heap``);
 - ``peak_rss_mb``: the process's peak resident memory after the engine's warm-up and engine-only
@@ -234,10 +235,11 @@ def _cold_load_ms(engine: Any, path: Path, repeats: int) -> float:
 
 
 def _itl_run(engine: Any, prompts: list[str], names: list[str], cold: Path,
-             new_tokens: int) -> tuple[list[float], list[float], float, list[float]]:
+             new_tokens: int) -> tuple[list[float], list[float], float, list[float], bool]:
     """One run of :func:`_itl_during_load`: the streams' inter-token gaps, those that overlap the
     load of ``cold`` (started once every stream has a quarter of its tokens), the load's
-    seconds, and the gaps of the streams' decoding after the load (the same run's control)."""
+    seconds, the gaps of the streams' decoding after the load (the same run's control), and
+    whether the load wrote the adapter into a slot."""
     arrivals: list[list[float]] = [[] for _ in prompts]
     streams = [engine.stream(p, adapter=a, max_tokens=new_tokens, ignore_eos=True) for p, a in zip(prompts, names)]
 
@@ -252,8 +254,9 @@ def _itl_run(engine: Any, prompts: list[str], names: list[str], cold: Path,
     while min(len(a) for a in arrivals) < new_tokens // 4:
         time.sleep(0.002)
     t_load = time.perf_counter()
-    engine.load_adapter("cold-itl", cold)  # read on this thread, copied into a slot between two steps
+    engine.load_adapter("cold-itl", cold)  # read off the loop thread, copied into a free slot between two steps
     t_done = time.perf_counter()
+    wrote_slot = engine.registry.slot_of("cold-itl") is not None
     for t in threads:
         t.join()
     engine.unload_adapter("cold-itl")
@@ -265,7 +268,7 @@ def _itl_run(engine: Any, prompts: list[str], names: list[str], cold: Path,
                 during.append(t1 - t0)
             elif t0 > t_done:
                 after.append(t1 - t0)
-    return gaps, during, t_done - t_load, after
+    return gaps, during, t_done - t_load, after, wrote_slot
 
 
 def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Path, new_tokens: int) -> dict[str, float]:
@@ -282,7 +285,7 @@ def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Pa
     """
     new_tokens = max(new_tokens, 64)
     for _ in range(3):
-        gaps, during, window, after = _itl_run(engine, prompts, names, cold, new_tokens)
+        gaps, during, window, after, wrote_slot = _itl_run(engine, prompts, names, cold, new_tokens)
         if during:
             break
         new_tokens *= 4
@@ -290,7 +293,7 @@ def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Pa
     p99 = float(torch.tensor(during).quantile(0.99)) if during else float("nan")
     p99_after = float(torch.tensor(after).quantile(0.99)) if after else float("nan")
     return {"itl_median_ms": med * 1e3, "itl_p99_during_load_ms": p99 * 1e3, "itl_p99_during_load_ratio": p99 / med,
-            "itl_p99_after_load_ratio": p99_after / med, "load_window_ms": window * 1e3}
+            "itl_p99_after_load_ratio": p99_after / med, "load_window_ms": window * 1e3, "itl_load_wrote_slot": wrote_slot}
 
 
 # --------------------------------------------------------------------------- transformers side
@@ -377,11 +380,16 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     # x 24 pairs gave +3.10 / +1.04 / +0.29 ms, this one x 48 pairs -0.62 / -0.18 / -0.14).
     res["adapter_switch_ms"] = _switch_ms(engine, SWITCH_PROMPT, names, max(5, 16 * repeats))
     res["cold_load_ms"] = _cold_load_ms(engine, paths[-1], max(3, repeats))
-    # Streams on half of the adapters (two each), so the cold adapter finds a free slot: this
-    # measures the load itself, not a wait for a slot.
+    # Streams on half of the adapters (two each), and the last adapter unloaded first, so that the
+    # cold adapter finds a free slot: the load is read off the loop thread and then written into
+    # that slot on the loop thread between two steps, as a cold request's load is
+    # (``itl_load_wrote_slot`` says it was). Before 2026-12-07's ninth session every slot was
+    # taken and the load wrote none.
     n_itl = max(2, batch // 2)
     itl_names = [names[i % max(1, NUM_ADAPTERS // 2)] for i in range(n_itl)]
+    engine.unload_adapter(names[-1])
     res.update(_itl_during_load(engine, prompts[:n_itl], itl_names, paths[-1], new_tokens))
+    engine.load_adapter(names[-1], paths[NUM_ADAPTERS - 1])  # back into the slot the cold one left
     res["peak_rss_mb"] = _rss_mb()  # the engine alone: transformers is not loaded yet
 
     if not skip_peft:

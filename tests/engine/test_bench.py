@@ -29,6 +29,7 @@ def test_bench_engine_writes_all_keys(tmp_path, tiny_dir, capsys):
     assert res["single_stream_tok_s"] > 0 and res["cold_load_ms"] > 0
     assert res["fused_lora_dtype"] == "float16"
     assert "itl_p99_after_load_ratio" in res  # the ITL measurement's control (NaN where no gap follows the load)
+    assert res["itl_load_wrote_slot"] is True  # the cold load went into a free slot, as a cold request's does
     import gc
 
     assert gc.get_freeze_count() == 0  # the bench froze its start-up heap, and unfroze it at the end
