@@ -632,30 +632,32 @@ def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int 
                                 torch.rand(n, d_in // 32, 2, generator=g) * 0.01)
                 A32 = torch.randn(NUM_ADAPTERS, len(slices) * rank, d_in, generator=g) * 0.01
                 P32 = torch.randn(panels_shape(NUM_ADAPTERS, n, rank), generator=g) * 0.01
-                A, P = A32.half(), P32.half()  # float16, as the engine keeps the fused copies
-                Ab, Pb = (A32.bfloat16(), P32.bfloat16()) if bf16 else (None, None)
-                calls.append((w, A, (A, P, lora_rows(A, P, slices)), (Ab, Pb, lora_rows(Ab, Pb, slices) if bf16 else None)))
+                copies = {}  # the engine's fused copies in each dtype, with their descriptor (kept alive together)
+                for dt in dtypes:
+                    A, P = A32.to(dt), P32.to(dt)
+                    copies[dt] = (A, P, lora_rows(A, P, slices))
+                calls.append((w, A32.shape[1], copies))
         xs = {d: torch.randn(rows, d, generator=g) for d in {c[0].shape[1] for c in calls}}
         metas = {k: None if v is None else LoRAMeta.build(torch.tensor(v), NUM_ADAPTERS) for k, v in cases.items()}
         return calls, xs, metas
 
     bf16 = lora_bf16_available()
+    dtypes = (torch.float16, torch.bfloat16) if bf16 else (torch.float16,)
     cases = {"base": None, "one_adapter": [0] * rows, "eight_adapters": [i % NUM_ADAPTERS for i in range(rows)]}
-    variants = [(k, k, 2) for k in cases]  # (case, its slots' case, which descriptor: 2 float16, 3 bfloat16)
+    variants = [(k, k, torch.float16) for k in cases]  # (case, its rows' slots, the fused copies' dtype)
     if bf16:
-        variants += [("one_adapter_bf16", "one_adapter", 3), ("eight_adapters_bf16", "eight_adapters", 3)]
+        variants += [("one_adapter_bf16", "one_adapter", torch.bfloat16), ("eight_adapters_bf16", "eight_adapters", torch.bfloat16)]
     n_calls = args.n_layers * len(FUSED_GROUPS)
     times: dict[str, list[float]] = {k: [] for k, _, _ in variants}
 
     def loop() -> None:
         calls, xs, metas = setup()
         for it in range(iterations + 1):
-            for k, slots_of, which in variants:
+            for k, slots_of, dt in variants:
                 meta = metas[slots_of]
                 t0 = time.perf_counter()
-                for c in calls:
-                    w = c[0]
-                    w.matmul(xs[w.shape[1]], None if meta is None else (c[which][2], native_ops.step_descriptor(meta, c[1].shape[1])))
+                for w, width, copies in calls:
+                    w.matmul(xs[w.shape[1]], None if meta is None else (copies[dt][2], native_ops.step_descriptor(meta, width)))
                 if it:  # one warm-up turn
                     times[k].append((time.perf_counter() - t0) * 1e3)
 

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import typing
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
@@ -41,7 +42,7 @@ _SERVING_MINIMUMS = {
 }
 
 
-FUSED_LORA_DTYPES = ("float16", "bfloat16")
+FUSED_LORA_DTYPES = typing.get_args(typing.get_type_hints(ServingConfig)["fused_lora_dtype"])  # its Literal's values
 
 
 def serving_with(base: ServingConfig | None = None, **overrides: Any) -> ServingConfig:

@@ -69,31 +69,39 @@ static inline __attribute__((always_inline)) void reduce_tile16(__m512 acc[4][TT
 }
 
 #ifdef __AVX512BF16__
-/* A bfloat16 value's bits rounded to nearest even from x (finite x), as the vector conversions round. */
+/* x rounded to bfloat16 (nearest even, finite x), as the vector conversions round it. */
 static inline float bf16_round(float x) {
     union { float f; uint32_t u; } v = {x};
     v.u = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) & 0xFFFF0000u;
     return v.f;
 }
+#endif
 
-static inline float bf16_at(const void *a, long c) {
-    union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)a)[c] << 16};
-    return v.f;
+/* A's element times x's in the tail of a dot product: A float32 or float16 (a_at) times x, or, in
+ * bfloat16 (HALF 2), A's bfloat16 value times x rounded to bfloat16, as the vector lanes form them. */
+static inline __attribute__((always_inline)) float tail_product(const void *a, long c, float x, const int HALF) {
+#ifdef __AVX512BF16__
+    if (HALF == 2) {
+        union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)a)[c] << 16};
+        return v.f * bf16_round(x);
+    }
+#endif
+    return a_at(a, c, HALF) * x;
 }
 
-/* dots_tile with A in bfloat16 and each x rounded to bfloat16 (nearest even) as it is loaded:
- * vdpbf16ps adds the products of 32 (A, x) pairs into 16 float32 lanes, twice the multiply-adds
- * of an FMA per instruction and no widening of A. The lanes are then summed as dots_tile sums
- * them, and the tail (k not a multiple of 32) one product at a time, so that, again, a (token,
- * row) dot product does not depend on its tile. The fused block kernel's opt-in low-precision
- * LoRA (see lora_rows in coe/engine/native/qmatmul.c). */
-static inline __attribute__((always_inline)) void dots_tile_bf16(const void *const *a, const float *const *xs, long k,
-                                                                 float out[][TT], const int NJ, const int NT) {
+/* HALF: A in float32 (0), float16 (1), or bfloat16 (2, AVX512-BF16 builds). In bfloat16 each x
+ * is rounded to bfloat16 (nearest even) as it is loaded and vdpbf16ps adds the products of 32
+ * (A, x) pairs into the 16 float32 lanes, twice an FMA's multiply-adds per instruction and no
+ * widening of A: the fused block kernel's opt-in low-precision LoRA (LORA_BF16 in
+ * coe/engine/native/qmatmul.c). The lanes and the tail are summed alike in every format. */
+static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
+                                                            float out[][TT], const int NJ, const int NT, const int HALF) {
     __m512 acc[4][TT];
     for (int j = 0; j < NJ; j++)
         for (int i = 0; i < NT; i++) acc[j][i] = _mm512_setzero_ps();
     long c = 0;
-    for (; c + 32 <= k; c += 32) {
+#ifdef __AVX512BF16__
+    for (; HALF == 2 && c + 32 <= k; c += 32) {
         __m512bh av[4];
         for (int j = 0; j < NJ; j++) av[j] = (__m512bh)_mm512_loadu_si512((const uint16_t *)a[j] + c);
         for (int i = 0; i < NT; i++) {
@@ -101,31 +109,8 @@ static inline __attribute__((always_inline)) void dots_tile_bf16(const void *con
             for (int j = 0; j < NJ; j++) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av[j], xv);
         }
     }
-    float red[16];
-    if (NJ == 4 && NT == 4) reduce_tile16(acc, red);
-    for (int j = 0; j < NJ; j++)
-        for (int i = 0; i < NT; i++) {
-            float r = NJ == 4 && NT == 4 ? red[4 * i + j] : _mm512_reduce_add_ps(acc[j][i]);
-            for (long q = c; q < k; q++) r += bf16_at(a[j], q) * bf16_round(xs[i][q]);
-            out[j][i] = r;
-        }
-}
 #endif
-
-/* HALF: A in float32 (0), float16 (1), or bfloat16 (2, AVX512-BF16 builds: dots_tile_bf16). */
-static inline __attribute__((always_inline)) void dots_tile(const void *const *a, const float *const *xs, long k,
-                                                            float out[][TT], const int NJ, const int NT, const int HALF) {
-#ifdef __AVX512BF16__
-    if (HALF == 2) {
-        dots_tile_bf16(a, xs, k, out, NJ, NT);
-        return;
-    }
-#endif
-    __m512 acc[4][TT];
-    for (int j = 0; j < NJ; j++)
-        for (int i = 0; i < NT; i++) acc[j][i] = _mm512_setzero_ps();
-    long c = 0;
-    for (; c + 16 <= k; c += 16) {
+    for (; HALF != 2 && c + 16 <= k; c += 16) {
         __m512 av[4];
         for (int j = 0; j < NJ; j++) av[j] = a_load16(a[j], c, HALF);
         for (int i = 0; i < NT; i++) {
@@ -138,7 +123,7 @@ static inline __attribute__((always_inline)) void dots_tile(const void *const *a
     for (int j = 0; j < NJ; j++)
         for (int i = 0; i < NT; i++) {
             float r = NJ == 4 && NT == 4 ? red[4 * i + j] : _mm512_reduce_add_ps(acc[j][i]);
-            for (long q = c; q < k; q++) r += a_at(a[j], q, HALF) * xs[i][q];
+            for (long q = c; q < k; q++) r += tail_product(a[j], q, xs[i][q], HALF);
             out[j][i] = r;
         }
 }
@@ -206,7 +191,7 @@ static void dots_bf16(const void *const *a, int nj, const float *const *xs, int 
 /* h[t, j0 + j] = A rows j0.. of one slot (a0 points at row j0) . x[t] for rows j < rows and the
  * tokens order[q0..q1): tiles of up to 4 tokens, against the rows two at a time, or four at
  * once for tiles of up to NJ4_MAX_NT tokens. A is float32, or float16 when ``half`` is 1 (then
- * every product uses A's value widened exactly), or bfloat16 when it is 2 (dots_tile_bf16). */
+ * every product uses A's value widened exactly), or bfloat16 when it is 2 (see dots_tile). */
 static inline __attribute__((always_inline)) void shrink_block(const char *a0, long j0, long rows, long nR, long d_in,
                                                               const float *x, long ldx,
                                                               const lora_step *sp, long q0, long q1, int half)

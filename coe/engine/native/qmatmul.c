@@ -301,10 +301,12 @@ static inline const uint16_t *slot_panels(const lora_rows *lr, long s, long N)
     return lr->P + s * ((N / NBLK + 1) / 2) * lr->R * PSTRIDE;
 }
 
-/* Block g's panel (its row 0) among a slot's panels pb. */
-static inline const uint16_t *block_panel(const uint16_t *pb, long g, long R)
+/* Block g's panel (its row 0) among a slot's panels pb: the second block of a pair starts 8
+ * values into each row of float16 panels, 16 into each (two rank steps') row of bfloat16 ones
+ * (bf, see LORA_BF16). */
+static inline const uint16_t *block_panel(const uint16_t *pb, long g, long R, int bf)
 {
-    return pb + (g / 2) * R * PSTRIDE + (g % 2) * NBLK;
+    return pb + (g / 2) * R * PSTRIDE + (g % 2) * (bf ? 2 : 1) * NBLK;
 }
 
 /* y[t, 8c:8c+8] += h_t . panel_c for NT tokens of one slot and NB blocks of 8 outputs: a
@@ -363,17 +365,12 @@ static inline __attribute__((always_inline)) void expand_tile16(const uint16_t *
  * of 32 values: row k is output o's (B[o, 2k], B[o, 2k + 1]) for the pair's 16 outputs in order
  * (block 2p's 8, then block 2p + 1's), so that one vdpbf16ps adds two rank steps of 16 outputs:
  * [S, ceil(N/16), R/2, 16, 2], the float16 panels' size (R even). h is rounded to bfloat16 as
- * the expand reads it, x as the shrink reads it (dots_tile_bf16). Each output sums its rank
- * pairs in order in one chain whatever its tile, as the float16 path does.
+ * the expand reads it, x as the shrink reads it (dots_tile in kernels/native/lora_shrink.h).
+ * Each output sums its rank pairs in order in one chain whatever its tile, as the float16 path
+ * does.
  * Why: vdpbf16ps does 32 multiply-adds where an FMA does 16, and needs no widening of A or B.
  * The price is precision: x, A, h and B rounded to 8 significant bits (relative 2^-9). */
 #define LORA_BF16 1
-
-/* Block g's panel (its row 0) among a slot's bfloat16 panels pb: 16 values of each 32-value row. */
-static inline const uint16_t *block_panel_bf(const uint16_t *pb, long g, long R)
-{
-    return pb + (g / 2) * R * PSTRIDE + (g % 2) * 2 * NBLK;
-}
 
 /* h of NT tokens (ht[g], R values) as bfloat16 pairs: hp[g * R2 + k] holds (h[2k], h[2k + 1]). */
 static inline void h_pairs(const float *const *ht, long R, int nt, uint32_t *hp)
@@ -407,7 +404,7 @@ static inline __attribute__((always_inline)) void expand_tile16_bf(const uint16_
             _mm512_storeu_ps(yt[g] + p * 2 * NBLK, _mm512_add_ps(_mm512_loadu_ps(yt[g] + p * 2 * NBLK), acc[g][p]));
 }
 
-/* expand_tile in bfloat16: NB single blocks (panel[c], block_panel_bf) with 8-float vectors. */
+/* expand_tile in bfloat16: NB single blocks (panel[c], block_panel) with 8-float vectors. */
 static inline __attribute__((always_inline)) void expand_tile_bf(const uint16_t *const *panel, const uint32_t *hp, long R2,
                                                                  float *const *yt, const int NT, const int NB)
 {
@@ -458,12 +455,6 @@ static inline __attribute__((always_inline)) void pair_tile(const uint16_t *cons
 }
 #endif
 
-#ifdef LORA_BF16
-#define BLOCK_PANEL_BF block_panel_bf
-#else
-#define BLOCK_PANEL_BF block_panel  /* never taken: hp is NULL without LORA_BF16 */
-#endif
-
 /* Blocks c0..c1 (of the call's, from block blk) for a tile of nt tokens with 8-float vectors
  * (the bfloat16 panels' tiles where hp, the tile's h pairs, is not NULL):
  * 4, 2 or 1 blocks at a time, tokens 4 at a time. */
@@ -473,7 +464,7 @@ static inline void expand_blocks8(const uint16_t *pb, long R, long blk, int c0, 
     for (int c = c0; c < c1;) {
         const int nb = nt <= 2 && c1 - c >= 4 ? 4 : (c1 - c >= 2 ? 2 : 1);
         const uint16_t *pc[4];
-        for (int k = 0; k < nb; k++) pc[k] = hp ? BLOCK_PANEL_BF(pb, blk + c + k, R) : block_panel(pb, blk + c + k, R);
+        for (int k = 0; k < nb; k++) pc[k] = block_panel(pb, blk + c + k, R, hp != NULL);
         for (int g0 = 0; g0 < nt; g0 += TT) {
             const int mt = nt - g0 < TT ? nt - g0 : TT;
             float *yc[TT];
@@ -551,7 +542,7 @@ static inline void lora_expand_blocks(const lora_rows *lr, const lora_step *sp, 
             while (nblk - c >= 2) {  /* whole pairs: block blk + c is even */
                 const int np = (nblk - c) / 2 < npmax ? (nblk - c) / 2 : npmax;
                 const uint16_t *pc[EXPAND_PAIRS];
-                for (int k = 0; k < np; k++) pc[k] = block_panel(pb, blk + c + 2 * k, R);
+                for (int k = 0; k < np; k++) pc[k] = block_panel(pb, blk + c + 2 * k, R, 0);  /* even: a pair's start */
                 float *yc[TTE];
                 for (int g = 0; g < nt; g++) yc[g] = yt[g] + c * NBLK;
 #define EXPAND16_NT(NP) switch (nt) { \
@@ -714,7 +705,7 @@ void coe_q41_matmul_lora(const float *x, long ldx, const uint8_t *qs, const floa
                 pf_add(&pf, lr->A + ((long)sp->seg_slot[u] * nR + j0) * K, (j1 - j0) * K * 2);
             }
             for (long u = 0; u < sp->U; u++)  /* B panels of blocks b0..b1 (their pairs), per slot */
-                pf_add(&pf, block_panel(slot_panels(lr, sp->seg_slot[u], N), b0 & ~1L, lr->R),
+                pf_add(&pf, block_panel(slot_panels(lr, sp->seg_slot[u], N), b0 & ~1L, lr->R, 0),
                        ((b1 + 1) / 2 - b0 / 2) * lr->R * PSTRIDE * 2);
             long lines = 0;
             for (int j = 0; j < pf.k; j++) lines += (pf.n[j] + 63) / 64;
