@@ -28,8 +28,10 @@ def test_bench_engine_writes_all_keys(tmp_path, tiny_dir, capsys):
         assert isinstance(res[k], (int, float)) and math.isfinite(res[k]), (k, res.get(k))
     assert res["single_stream_tok_s"] > 0 and res["cold_load_ms"] > 0
     assert res["fused_lora_dtype"] == "float16"
+    assert 0 < res["lora_mac_share"] < 1 and res["lora_vs_base_at_mac_share"] == pytest.approx(1 / (1 + res["lora_mac_share"]), abs=1e-4)
     assert "itl_p99_after_load_ratio" in res  # the ITL measurement's control (NaN where no gap follows the load)
     assert res["itl_load_wrote_slot"] is True  # the cold load went into a free slot, as a cold request's does
+    assert res["itl_loads"] == 3 and len(res["itl_p99_during_load_ratio_per_load"]) == 3  # pooled over 3 x repeats loads
     import gc
 
     assert gc.get_freeze_count() == 0  # the bench froze its start-up heap, and unfroze it at the end
@@ -78,6 +80,45 @@ def test_phase_times_splits_each_case_by_step_kind(tiny_dir):
         assert abs(case["prefill"] + case["decode"] + case["mixed"] + case["outside"] - case["wall"]) < 0.005
     assert set(res["ratios"]) == {"uniform16/base16", "mixed16/uniform16"}
     assert all(v > 0 for v in res["ratios"]["uniform16/base16"].values() if v == v)
+
+
+def test_lora_mac_share_counts_each_part_of_a_round():
+    from coe.engine.model import ModelArgs
+
+    args = ModelArgs(model_type="llama", vocab_size=10, dim=4, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=2,
+                     intermediate_size=6, norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=True)
+    # per layer and token: q 4x4, k 4x2, v 4x2, o 4x4, gate 4x6, up 4x6, down 6x4 = 120 base
+    # multiply-adds; rank 2: 2 x (8 + 6 + 6 + 8 + 10 + 10 + 10) = 116 for the LoRA
+    # one request, a 3-token prompt, 2 new tokens: 4 positions (3 prompt + 1 decoded), head on 2
+    # tokens (10 x 4 each), attention 2 layers x 2 x 2 heads x 2 dims x (1+2+3+4) positions
+    base = 4 * 2 * 120 + 2 * 40 + 2 * 2 * 2 * 2 * 10
+    lora = 4 * 2 * 116
+    got = bench.lora_mac_share(args, 2, [3], 2)
+    assert got["lora_mac_share"] == pytest.approx(lora / base)
+    assert got["lora_vs_base_at_mac_share"] == pytest.approx(base / (base + lora))
+    two = bench.lora_mac_share(args, 2, [3, 3], 2)  # two identical requests: the same share
+    assert two["lora_mac_share"] == pytest.approx(lora / base)
+
+
+def test_itl_pools_the_loads_so_one_stall_is_not_the_p99_but_a_stall_in_every_load_is(monkeypatch):
+    def fake_runs(stalled: set[int]):
+        calls = iter(range(100))
+
+        def run(engine, prompts, names, cold, n):
+            i = next(calls)
+            during = [1.0] * 14 + [10.0 if i in stalled else 1.0]  # one window: 15 step gaps
+            return [1.0] * 20 + during, during, 0.5, [1.0] * 5, True
+        return run
+
+    monkeypatch.setattr(bench, "_itl_run", fake_runs({3}))
+    one = bench._itl_during_load(None, [], [], None, 64, loads=9)
+    assert one["itl_loads"] == 9 and one["itl_load_wrote_slot"] is True
+    assert one["itl_p99_during_load_ratio"] == pytest.approx(1.0)  # 1 gap of 135: beyond the p99
+    assert max(one["itl_p99_during_load_ratio_per_load"]) == pytest.approx(1 + 0.86 * 9, abs=1e-3)  # still reported
+    assert one["itl_p99_after_load_ratio"] == pytest.approx(1.0)
+    monkeypatch.setattr(bench, "_itl_run", fake_runs(set(range(9))))
+    every = bench._itl_during_load(None, [], [], None, 64, loads=9)
+    assert every["itl_p99_during_load_ratio"] == pytest.approx(10.0)  # 9 of 135 gaps (7%): the p99 sees them
 
 
 def test_interleaved_rounds_alternate_their_order():
