@@ -312,7 +312,7 @@ class ServingConfig:
             ``float16`` (A and B stored in float16, x and the rank-r product in float32), or
             ``bfloat16`` (x, A, B and the product rounded to bfloat16, float32 sums:
             ``vdpbf16ps``; needs a CPU with AVX512-BF16): a little faster, less exact (see
-            README, "bfloat16 LoRA"). Prompt steps and other paths keep a float32 LoRA either way.
+            docs/engine-bench-runs.md, the ninth session). Prompt steps and other paths keep a float32 LoRA either way.
     """
 
     max_batch: int = 16
