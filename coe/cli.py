@@ -182,7 +182,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--ratio-rounds", type=_at_least_one, default=None, metavar="N",
                    help="rounds of the engine-only ratio cases (default: 12; each ~15 s): more rounds narrow the "
                         "ratios' confidence intervals")
-    e.add_argument("--fused-lora-dtype", choices=("float16", "bfloat16"), default="float16",
+    from coe.config import FUSED_LORA_DTYPES
+
+    e.add_argument("--fused-lora-dtype", choices=FUSED_LORA_DTYPES, default="float16",
                    help="serving.fused_lora_dtype of the engine under test (default: float16, the engine's default)")
     e.set_defaults(func=_target("coe.engine.bench:main"))
 

@@ -336,6 +336,9 @@ class ServingConfig:
     fused_lora_dtype: Literal["float16", "bfloat16"] = "float16"
 
 
+FUSED_LORA_DTYPES = typing.get_args(typing.get_type_hints(ServingConfig)["fused_lora_dtype"])  # its Literal's values
+
+
 @dataclass(frozen=True)
 class CoeConfig:
     """The whole of experts.yaml.

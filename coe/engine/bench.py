@@ -93,6 +93,7 @@ def _make_adapters(args: Any, root: Path, n: int, base_name: str, seed: int = 0)
     from safetensors.torch import save_file
 
     from coe.engine.adapters import base_module_names
+    from coe.engine.model import LORA_TARGETS
 
     paths = []
     for i in range(n):
@@ -106,7 +107,7 @@ def _make_adapters(args: Any, root: Path, n: int, base_name: str, seed: int = 0)
         path.mkdir(parents=True)
         save_file(tensors, str(path / "adapter_model.safetensors"))
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.0,
-                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  "target_modules": list(LORA_TARGETS),
                   "bias": "none", "use_rslora": False, "base_model_name_or_path": base_name, "inference_mode": True}
         (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
         paths.append(path)
@@ -167,8 +168,9 @@ def lora_mac_share(args: Any, rank: int, prompt_tokens: list[int], new_tokens: i
     all, whatever the kernels (norms, sampling and the scheduler only raise it, as the LoRA adds
     nothing to them). Each request prefills its prompt, then decodes ``new_tokens - 1`` tokens
     (the first comes from the prefill's last position)."""
-    modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    shapes = [args.module_shape(m) for m in modules]
+    from coe.engine.model import LORA_TARGETS
+
+    shapes = [args.module_shape(m) for m in LORA_TARGETS]
     per_tok_base = args.n_layers * sum(i * o for i, o in shapes)
     per_tok_lora = args.n_layers * rank * sum(i + o for i, o in shapes)
     head = args.vocab_size * args.dim

@@ -15,13 +15,12 @@ import dataclasses
 import logging
 import queue
 import threading
-import typing
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
-from coe.config import BaseModelConfig, CoeConfig, ServingConfig
+from coe.config import FUSED_LORA_DTYPES, BaseModelConfig, CoeConfig, ServingConfig
 from coe.engine.kv_cache import KVCache
 from coe.engine.model import Transformer
 from coe.engine.outputs import AdapterInfo, GenerationOutput, StreamDelta
@@ -40,9 +39,6 @@ _SERVING_MINIMUMS = {
     "max_batch": 1, "max_seq_len": 16, "prefill_chunk": 1, "max_loras": 1, "max_cpu_loras": 0, "max_lora_rank": 1,
     "max_queue": 1, "max_tokens_default": 1, "max_tokens_limit": 1,
 }
-
-
-FUSED_LORA_DTYPES = typing.get_args(typing.get_type_hints(ServingConfig)["fused_lora_dtype"])  # its Literal's values
 
 
 def serving_with(base: ServingConfig | None = None, **overrides: Any) -> ServingConfig:

@@ -680,7 +680,7 @@ class Transformer:
         # decode steps run kernels' C backend, as fast as the dense path (16 rows on one adapter:
         # 94.2 vs 92.8 ms a step): B_dense would only cost memory and slot-write time.
         native = self._cpu32 and native_library() is not None
-        bf16 = native and self.fused_lora_bf16
+        bf16 = self.fused_lora_bf16  # set only where the fused kernel runs (set_fused_lora_dtype)
         rank += rank % 2 if bf16 else 0
         self._dense_lora = self._cpu32 and not native
         for layer in self.layers:
