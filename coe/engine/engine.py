@@ -209,13 +209,17 @@ class Engine:
         return self._info(name)
 
     def _make_resident_if_free(self, name: str) -> None:
+        reg = self.registry
+
         def activate() -> None:  # on the loop thread: the stacks are only written between steps
-            reg = self.registry
-            if reg.has(name) and reg.slot_of(name) is None and reg.is_packed(name) \
+            if reg.has(name) and reg.slot_of(name) is None and not reg.writing(name) and reg.is_packed(name) \
                     and reg.free_or_evictable_slot(exclude=lambda n: True) is not None:
-                reg.activate(name)
+                reg.activate(name, budget_s=self.scheduler.write_budget_s())
 
         self.scheduler.call(activate)
+        # while sequences run the write is spread over the next gaps between steps (a few steps)
+        while reg.writing(name) and self.scheduler.alive:
+            reg.wait_written(name, timeout=0.5)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter: new requests for it fail with ``UnknownModel``; running ones finish

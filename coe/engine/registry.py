@@ -13,8 +13,16 @@ stacks' rank is the largest resident adapter's rank (they grow when a larger one
 ranks are zero-padded), so a deployment of r=16 adapters never pays for ``max_lora_rank=64``.
 
 Threading: ``read``/``load`` do disk IO and validation and may run on any thread; everything that
-touches the model's stacks (``activate``, ``ensure_rank``) must run where no forward pass is in
-flight (the engine's step loop, between steps). A lock guards the bookkeeping.
+touches the model's stacks (``activate``, ``continue_writes``, ``ensure_rank``) must run where no
+forward pass is in flight (the engine's step loop, between steps). A lock guards the bookkeeping.
+
+Writing a slot may be spread over several gaps between steps (``activate``'s ``budget_s``): the
+slot is then reserved for the adapter (no other adapter takes it, no step reads it) but the
+adapter is not resident (``slot_of`` is None) until its last layer is written; the step loop
+goes on with ``continue_writes``. Why: copying an r=16 all-linear adapter into a slot takes one
+pass over ~30 MB (its float32 stacks and their float16 copies, 21-49 ms on a 2-core Xeon VM), as
+long as a 16-row decode step there, and written in one gap it doubled one inter-token latency of
+every running stream.
 
 This module knows nothing about requests or HTTP; ``adapters.py`` does the reading.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +56,9 @@ class _Entry:
     in_flight: int = 0
     last_used: int = 0
     removed: bool = False
+    writing: int | None = None  # the slot being written, while a write spans several gaps (see activate)
+    write_layer: int = 0  # the next layer that write copies
+    write_fused: bool = True  # whether every stack written so far may run in the fused kernel
 
 
 class AdapterRegistry:
@@ -74,6 +86,8 @@ class AdapterRegistry:
         self._cpu_lru: OrderedDict[str, None] = OrderedDict()  # packed, not resident
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
+        self._written = threading.Condition(self._lock)  # notified when a write ends (done or called off)
+        self._writes: list[_Entry] = []  # writes under way, oldest first
         self.generation = 0  # bumped whenever slots change (for tests and stats)
 
     # ------------------------------------------------------------------ names
@@ -180,24 +194,28 @@ class AdapterRegistry:
 
     def free_or_evictable_slot(self, exclude: Callable[[str], bool] | None = None) -> int | None:
         """A slot ``activate`` could use now: a free one, else the least recently used unpinned one
-        whose adapter ``exclude`` does not protect."""
+        whose adapter ``exclude`` does not protect (never one being written)."""
         with self._lock:
             for i, e in enumerate(self._slots):
                 if e is None:
                     return i
             best = None
             for i, e in enumerate(self._slots):
-                if e.in_flight == 0 and not (exclude and exclude(e.name)):
+                if e.writing is None and e.in_flight == 0 and not (exclude and exclude(e.name)):
                     if best is None or e.last_used < self._slots[best].last_used:
                         best = i
             return best
 
-    def activate(self, name: str, slot: int | None = None) -> int:
+    def activate(self, name: str, slot: int | None = None, budget_s: float | None = None) -> int | None:
         """Make ``name`` resident (it must be packed) and return its slot.
 
         Args:
             name: a registered, packed adapter.
-            slot: the slot to use (from ``free_or_evictable_slot``); default: pick one.
+            slot: the slot to use (from ``free_or_evictable_slot``); default: pick one. Ignored
+                while ``name``'s write is under way (it goes on in its slot).
+            budget_s: seconds this call may spend copying layers (at least one layer): a write
+                that does not fit is left under way and None returned; :meth:`continue_writes`
+                (or another call) goes on with it. None: the whole write now.
 
         Raises:
             AdapterError: no slot is free and every resident adapter is pinned.
@@ -207,30 +225,91 @@ class AdapterRegistry:
             if e.slot is not None:
                 e.last_used = next(self._clock)
                 return e.slot
-            if e.packed is None:
-                raise AdapterError(name, "is not in memory yet (internal: ensure_packed before activate)")
-            if slot is None:
-                slot = self.free_or_evictable_slot()
-            if slot is None:
-                raise AdapterError(name, f"all {self.max_loras} adapter slots are in use by running requests; retry shortly")
-            old = self._slots[slot]
-            assert old is None or old.in_flight == 0, f"slot {slot} holds pinned adapter {old.name!r}"
-            if old is not None:
-                old.slot = None
-                self._slots[slot] = None
-                if old.removed:
-                    old.packed = None
-                elif old.packed is not None:
-                    self._cpu_lru[old.name] = None
-            self._ensure_rank(e.packed.rank)
-            self._write_slot(slot, e.packed)
-            e.slot = slot
-            e.last_used = next(self._clock)
-            self._slots[slot] = e
-            self._cpu_lru.pop(name, None)
-            self._trim_cpu()
-            self.generation += 1
-            return slot
+            if e.writing is None:
+                if e.packed is None:
+                    raise AdapterError(name, "is not in memory yet (internal: ensure_packed before activate)")
+                if slot is None:
+                    slot = self.free_or_evictable_slot()
+                if slot is None:
+                    raise AdapterError(name, f"all {self.max_loras} adapter slots are in use by running requests; retry shortly")
+                old = self._slots[slot]
+                assert old is None or (old.in_flight == 0 and old.writing is None), f"slot {slot} holds pinned adapter {old.name!r}"
+                if old is not None:
+                    old.slot = None
+                    self._slots[slot] = None
+                    if old.removed:
+                        old.packed = None
+                    elif old.packed is not None:
+                        self._cpu_lru[old.name] = None
+                self._ensure_rank(e.packed.rank)
+                self._begin_write(e, slot)
+            return self._write_some(e, budget_s)
+
+    def writing(self, name: str) -> bool:
+        """Whether ``name``'s slot is being written (see :meth:`activate`'s ``budget_s``)."""
+        with self._lock:
+            e = self._entries.get(name)
+            return e is not None and not e.removed and e.writing is not None
+
+    def pending_writes(self) -> bool:
+        with self._lock:
+            return bool(self._writes)
+
+    def continue_writes(self, budget_s: float | None = None) -> list[str]:
+        """Go on with the writes under way, oldest first, for up to ``budget_s`` seconds (at
+        least one layer; None: to their end). Returns the adapters that became resident."""
+        done: list[str] = []
+        deadline = None if budget_s is None else time.perf_counter() + budget_s
+        with self._lock:
+            for i, e in enumerate(list(self._writes)):
+                if i and deadline is not None and time.perf_counter() >= deadline:
+                    break
+                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                if self._write_some(e, left) is not None:
+                    done.append(e.name)
+        return done
+
+    def wait_written(self, name: str, timeout: float | None = None) -> bool:
+        """Block until ``name``'s write under way (if any) ends; True if it is resident then."""
+        with self._written:
+            self._written.wait_for(lambda: not self.writing(name), timeout)
+            return self.slot_of(name) is not None
+
+    def _begin_write(self, e: _Entry, slot: int) -> None:
+        """Reserve ``slot`` for ``e`` (no longer free, never evictable, read by no step) and
+        start its write at layer 0."""
+        self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in e.packed.layers])
+        e.writing, e.write_layer, e.write_fused = slot, 0, True
+        self._slots[slot] = e
+        self._cpu_lru.pop(e.name, None)  # held by its slot from now on, never trimmed
+        self._writes.append(e)
+
+    def _write_some(self, e: _Entry, budget_s: float | None) -> int | None:
+        """Copy layers of ``e``'s write (at least one; all of them when ``budget_s`` is None);
+        the slot once the last one is in, else None."""
+        slot, layers = e.writing, e.packed.layers
+        end = None if budget_s is None else time.perf_counter() + budget_s
+        while e.write_layer < len(layers):
+            e.write_fused &= self._write_layer(slot, e.write_layer, layers[e.write_layer], e.packed.rank)
+            e.write_layer += 1
+            if end is not None and time.perf_counter() >= end:
+                break
+        if e.write_layer < len(layers):
+            return None
+        self.model.set_slot_fused(slot, e.write_fused)
+        if not e.write_fused:
+            self._warn_unfused(e.name)
+        e.slot = slot
+        e.last_used = next(self._clock)
+        self._end_write(e)
+        self._trim_cpu()
+        self.generation += 1
+        return slot
+
+    def _end_write(self, e: _Entry) -> None:
+        e.writing = None
+        self._writes = [w for w in self._writes if w is not e]
+        self._written.notify_all()
 
     def _ensure_rank(self, rank: int) -> None:
         """Grow the stacks to ``rank`` (re-copying resident adapters), never shrink."""
@@ -239,52 +318,70 @@ class AdapterRegistry:
             return
         model.allocate_lora(self.max_loras, max(rank, model.lora_rank))
         for i, e in enumerate(self._slots):
-            if e is not None:
+            if e is not None and e.writing is not None:  # the new stacks hold none of it: start again
+                self._end_write(e)
+                self._slots[i] = None
+                self._begin_write(e, i)
+            elif e is not None:
                 self._write_slot(i, e.packed)
 
-    @torch.inference_mode()
     def _write_slot(self, slot: int, packed: PackedAdapter) -> None:
-        """Copy a packed adapter into ``slot`` of every stack (zeros where it has no weights).
+        """Copy a packed adapter into ``slot`` of every stack at once (zeros where it has no
+        weights): a resident adapter re-copied after the stacks grew (``_ensure_rank``).
 
-        On the loop thread, between two steps (~10-25 ms for SmolLM2 at r=16 on a 2-core EPYC).
         Tried: copying into a reserved free slot from the thread that read the adapter, the loop
         only publishing it. The bench's ITL-during-load case, 10 loads each in one engine (8
         streams, 2-core EPYC, ninth session of 2026-12-07): p99 over median 1.25-1.83 (median
-        1.45) with that, 1.26-1.79 (1.49) with the write here, and 1.13-1.70 (1.41) for a load
-        that writes no slot: on two cores the copy takes a core from the step wherever it runs,
-        so the extra concurrency bought nothing measurable and was not kept."""
+        1.45) with that, 1.26-1.79 (1.49) with the write on the loop thread, and 1.13-1.70 (1.41)
+        for a load that writes no slot: on two cores the copy takes a core from the step wherever
+        it runs, so the extra concurrency bought nothing measurable and was not kept. A write
+        spread over the gaps between steps (``activate``'s ``budget_s``) is what the step loop does
+        now."""
         self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in packed.layers])
-        r = packed.rank
-        fused = True  # whether every stack's float16 copies hold this adapter's A and B (see LoRAStack.refresh)
-        for layer, groups in zip(self.model.layers, packed.layers):
-            for group, stack in layer.lora.items():
-                A, Bt, scale = stack.A[slot], stack.Bt[slot], stack.scale
-                trio = groups.get(group)
-                if trio is None:
-                    A.zero_()
-                    Bt.zero_()
-                    scale[:, slot] = 0
-                    fused &= stack.refresh(slot)
-                    continue
-                pa, pbt, ps = trio
-                if r == stack.rank:
-                    A.copy_(pa)
-                    Bt.copy_(pbt)
-                else:  # zero-pad the rank up to the stacks'
-                    n = len(stack.output_slices)
-                    A.zero_()
-                    A.view(n, stack.rank, stack.d_in)[:, :r].copy_(pa.view(n, r, stack.d_in))
-                    Bt.zero_()
-                    Bt[:r].copy_(pbt)
-                scale[:, slot] = ps
-                if stack.folded:  # see LoRAStack: the scaling lives in A's slice rows
-                    A.view(len(stack.output_slices), stack.rank, stack.d_in).mul_(ps.to(A.dtype).view(-1, 1, 1))
-                fused &= stack.refresh(slot)
+        fused = True
+        for li, groups in enumerate(packed.layers):
+            fused &= self._write_layer(slot, li, groups, packed.rank)
         self.model.set_slot_fused(slot, fused)
         if not fused:
-            logger.warning("adapter %r has LoRA A or B weights beyond float16's range (|value| > 65504): its decode "
-                           "steps skip the fused block kernel, which reads float16 copies of A and B, and run the "
-                           "slower float32 path", packed.name)
+            self._warn_unfused(packed.name)
+
+    @staticmethod
+    def _warn_unfused(name: str) -> None:
+        logger.warning("adapter %r has LoRA A or B weights beyond float16's range (|value| > 65504): its decode "
+                       "steps skip the fused block kernel, which reads float16 copies of A and B, and run the "
+                       "slower float32 path", name)
+
+    @torch.inference_mode()
+    def _write_layer(self, slot: int, li: int, groups: dict, r: int) -> bool:
+        """Copy one layer of a packed adapter (rank ``r``) into ``slot`` of that layer's stacks
+        (zeros where it has no weights), with their fused copies (~1 ms a layer for SmolLM2 at
+        r=16). Returns whether every stack may run the slot in the fused kernel (see
+        ``LoRAStack.refresh``)."""
+        fused = True
+        for group, stack in self.model.layers[li].lora.items():
+            A, Bt, scale = stack.A[slot], stack.Bt[slot], stack.scale
+            trio = groups.get(group)
+            if trio is None:
+                A.zero_()
+                Bt.zero_()
+                scale[:, slot] = 0
+                fused &= stack.refresh(slot)
+                continue
+            pa, pbt, ps = trio
+            if r == stack.rank:
+                A.copy_(pa)
+                Bt.copy_(pbt)
+            else:  # zero-pad the rank up to the stacks'
+                n = len(stack.output_slices)
+                A.zero_()
+                A.view(n, stack.rank, stack.d_in)[:, :r].copy_(pa.view(n, r, stack.d_in))
+                Bt.zero_()
+                Bt[:r].copy_(pbt)
+            scale[:, slot] = ps
+            if stack.folded:  # see LoRAStack: the scaling lives in A's slice rows
+                A.view(len(stack.output_slices), stack.rank, stack.d_in).mul_(ps.to(A.dtype).view(-1, 1, 1))
+            fused &= stack.refresh(slot)
+        return fused
 
     def pin(self, name: str) -> "_Entry":
         """Count a running sequence on a resident adapter.
@@ -334,6 +431,10 @@ class AdapterRegistry:
             self._free_slot(e)
 
     def _free_slot(self, e: _Entry) -> None:
+        if e.writing is not None:  # a write under way is called off; its slot is free again
+            if self._slots[e.writing] is e:
+                self._slots[e.writing] = None
+            self._end_write(e)
         if e.slot is not None and self._slots[e.slot] is e:
             self._slots[e.slot] = None
             self.generation += 1
@@ -343,11 +444,12 @@ class AdapterRegistry:
     def lru_order(self) -> list[str]:
         """Resident adapters, least recently used first."""
         with self._lock:
-            return [e.name for e in sorted((e for e in self._slots if e is not None), key=lambda e: e.last_used)]
+            return [e.name for e in sorted((e for e in self._slots if e is not None and e.writing is None),
+                                           key=lambda e: e.last_used)]
 
     def resident(self) -> list[str]:
         with self._lock:
-            return [e.name for e in self._slots if e is not None]
+            return [e.name for e in self._slots if e is not None and e.writing is None]
 
     def info(self) -> list[AdapterInfo]:
         with self._lock:

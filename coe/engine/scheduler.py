@@ -58,6 +58,13 @@ from coe.errors import (
 logger = logging.getLogger("coe.engine")
 
 BASE = "<base>"  # stats key for requests on the base model
+# Seconds of copying an adapter into its slot per gap between two steps while sequences run
+# (at least one layer a gap; AdapterRegistry.activate). An r=16 all-linear SmolLM2 adapter takes
+# 21-49 ms in one piece on a 2-core Xeon VM, as long as the 16-row decode step it then delays
+# (~35 ms there); in 4 ms pieces, ~1 ms a layer, it takes ~8 gaps and adds at most ~5 ms to any
+# one of them. A request for that adapter waits those few steps longer; with nothing running
+# the write is done at once.
+SLOT_WRITE_SLICE_S = 0.004
 
 
 class Job:
@@ -211,7 +218,8 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not (self._stop or self._inbox or self._calls or self._running or self._waiting):
+                    while not (self._stop or self._inbox or self._calls or self._running or self._waiting
+                               or self.registry.pending_writes()):
                         self._cond.wait()
                     if self._stop:
                         break
@@ -219,6 +227,10 @@ class Scheduler:
                     self._inbox.clear()
                     calls = list(self._calls)
                     self._calls.clear()
+                # slot writes under way go on first (see write_budget_s): one a gap begun below
+                # (by a call or by _admit) then takes no second piece in the same gap
+                if self.registry.pending_writes():
+                    self.registry.continue_writes(self.write_budget_s())
                 for fn, fut in calls:
                     try:
                         fut.set_result(fn())
@@ -242,6 +254,12 @@ class Scheduler:
         finally:
             self._set_busy(False)
             self._fail_all(EngineUnavailable("the engine stopped before this request finished"))
+
+    def write_budget_s(self) -> float | None:
+        """Seconds of adapter-slot writing one gap between steps may take while sequences run
+        (``SLOT_WRITE_SLICE_S``), or None (the whole write at once) when none does. Only
+        between steps of the loop thread (``Engine.load_adapter``'s activation also asks here)."""
+        return SLOT_WRITE_SLICE_S if self._running else None
 
     def _set_busy(self, busy: bool) -> None:
         """Tell ``coe.engine.threads`` whether this loop runs sequences (on changes only): adapter
@@ -338,8 +356,8 @@ class Scheduler:
             name = job.seq.request.adapter
             try:
                 if name is not None:
-                    if name in self._draining or name in blocked_on_slot:
-                        continue
+                    if name in self._draining or name in blocked_on_slot or reg.writing(name):
+                        continue  # (a write under way goes on at the top of each turn of the loop)
                     if reg.slot_of(name) is None:
                         if not reg.has(name):
                             raise UnknownModel(f"adapter {name!r} was unloaded before the request started", param="adapter")
@@ -351,8 +369,10 @@ class Scheduler:
                             blocked_on_slot.append(name)
                             self._reserve_slot_for(name)
                             continue
-                        reg.activate(name, slot)
+                        written = reg.activate(name, slot, budget_s=self.write_budget_s())
                         self._release_drain(name)
+                        if written is None:  # a write spread over the next gaps (see write_budget_s)
+                            continue
                     job.seq.lease = reg.pin(name)
                     job.seq.lora_slot = job.seq.lease.slot
                 job.seq.kv_slot = self.kv.allocate()

@@ -176,3 +176,47 @@ def test_stacks_grow_to_the_largest_rank(engine_factory, adapter_factory):
     assert engine.generate("grow", adapter="small", max_tokens=6).token_ids == before
     info = {a.name: a for a in engine.list_adapters()}
     assert (info["small"].rank, info["large"].rank) == (4, 16)
+
+
+def test_a_slot_written_in_pieces_is_reserved_until_its_last_layer(engine_factory, adapter_factory):
+    """A write spread over several calls (``activate``'s ``budget_s``, as the step loop does while
+    sequences run): the slot is neither free nor evictable nor resident meanwhile, the adapter is
+    usable once the last layer is in (the same output as written at once), a rank growth
+    mid-write starts the write again in the new stacks, and unloading mid-write frees the slot.
+    (Called here on the test's thread while the engine's loop sleeps: a woken loop with nothing
+    running finishes a write at once.)"""
+    engine = engine_factory(max_loras=2)
+    reg = engine.registry
+    n_layers = len(engine.model.layers)
+    assert n_layers >= 2
+    paths = {n: adapter_factory(n, r=4, targets="all-linear", seed=80 + i) for i, n in enumerate("wxy")}
+    engine.load_adapter("w", paths["w"])
+    want = engine.generate("pieces", adapter="w", max_tokens=6).token_ids
+    engine.unload_adapter("w")
+    big = adapter_factory("big", r=16, targets="all-linear", seed=84)
+    for n in ("w", "x", "big"):
+        reg.load(n, str(paths.get(n, big)))
+
+    assert reg.activate("w", budget_s=0.0) is None  # one layer, no more
+    assert reg.writing("w") and reg.slot_of("w") is None and reg.resident() == []
+    assert {a.name: a.location for a in engine.list_adapters()}["w"] == "cpu"
+    # the one other slot is free; the reserved one is offered to nobody, even as "evictable"
+    free = reg.free_or_evictable_slot()
+    assert reg.activate("x") == free
+    assert reg.free_or_evictable_slot() == free  # x (unpinned), never w's
+    # a larger rank reallocates the stacks mid-write (x gives way to big): w starts again
+    reg.activate("big", slot=free)
+    assert engine.model.lora_rank == 16 and reg.writing("w")
+    pieces = 0
+    while reg.continue_writes(0.0) == []:
+        pieces += 1
+    assert pieces == n_layers - 1  # one layer a call, all of them after the restart
+    assert not reg.writing("w") and reg.slot_of("w") is not None and reg.wait_written("w")
+    assert engine.generate("pieces", adapter="w", max_tokens=6).token_ids == want
+    # unloading an adapter whose write is under way calls it off and frees its slot
+    engine.unload_adapter("big")
+    reg.load("y", str(paths["y"]))
+    assert reg.activate("y", budget_s=0.0) is None and reg.pending_writes()
+    engine.unload_adapter("y")
+    assert not reg.pending_writes() and not reg.wait_written("y", timeout=0)
+    assert reg.free_or_evictable_slot(exclude=lambda n: True) is not None

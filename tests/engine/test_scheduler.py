@@ -302,3 +302,44 @@ def test_stream_with_stop_string_never_sends_the_stop_text(engine_factory):
     sent = "".join(d.text for d in items[:-1])
     assert final.finish_reason == "stop"
     assert sent == final.text == full[: full.find(stop)]
+
+
+@pytest.mark.parametrize("how", ["request", "load_adapter"])
+def test_a_cold_adapter_is_written_a_piece_per_step_while_streams_run(engine_factory, two_adapters, adapter_factory,
+                                                                      monkeypatch, how):
+    """While sequences run, a cold adapter goes into its slot a piece per gap between steps (a
+    layer a gap with no time budget), never in one gap: the running stream's output and the cold
+    adapter's own are exactly what they are alone, and ``load_adapter`` returns once it is
+    resident."""
+    from coe.engine import scheduler as sched
+
+    engine = engine_factory(max_batch=4)
+    engine.load_adapter("a", two_adapters["a"])
+    want = engine.generate(PROMPTS[0], adapter="a", max_tokens=120, ignore_eos=True).token_ids
+    cold = adapter_factory("cold", r=8, targets="all-linear", seed=70)
+    engine.load_adapter("cold", cold)  # nothing running: written at once
+    cold_want = engine.generate(PROMPTS[2], adapter="cold", max_tokens=8).token_ids
+    engine.unload_adapter("cold")
+    monkeypatch.setattr(sched, "SLOT_WRITE_SLICE_S", 0.0)
+    reg = engine.registry
+    real_write, steps_at = reg._write_layer, []
+
+    def spy(*args):
+        steps_at.append(engine.scheduler.counters["steps"])
+        return real_write(*args)
+
+    monkeypatch.setattr(reg, "_write_layer", spy)
+    running = engine.stream(PROMPTS[0], adapter="a", max_tokens=120, ignore_eos=True)
+    next(running)
+    if how == "load_adapter":
+        info = engine.load_adapter("cold", cold)
+        assert info.location == "device"
+    else:
+        reg.register("cold", str(cold))
+    cold_out = engine.generate(PROMPTS[2], adapter="cold", max_tokens=8).token_ids
+    got = [x for x in running if isinstance(x, GenerationOutput)][0].token_ids
+    assert got == want
+    assert cold_out == cold_want
+    assert len(steps_at) == len(engine.model.layers)
+    assert len(set(steps_at)) == len(steps_at), f"layers written in the same gap: steps {steps_at}"
+    _wait_idle(engine)
