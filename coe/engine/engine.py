@@ -200,9 +200,9 @@ class Engine:
         """
         if not isinstance(name, str) or not name:
             raise InvalidRequest(f"name: expected a non-empty adapter name, found {name!r}", param="name")
-        def read() -> None:  # off the caller's thread, without an OpenMP pool, at low priority (coe.engine.threads)
-            background_compute()
-            self.registry.load(name, None if source is None else str(source))
+        def read() -> None:  # off the caller's thread, without an OpenMP pool, at low priority (coe.engine.threads);
+            background_compute()  # while sequences run, the loop reads it between steps (Scheduler.read_in_pieces)
+            self.registry.load(name, None if source is None else str(source), read=self.scheduler.read_in_pieces)
 
         run_in_fresh_thread(read, "coe-adapter-read")
         self._make_resident_if_free(name)

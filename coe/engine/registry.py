@@ -35,11 +35,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 
-from coe.engine.adapters import PackedAdapter, read_adapter
+from coe.engine.adapters import PackedAdapter, read_adapter, read_adapter_steps
 from coe.engine.model import GROUP_BITS, Transformer
 from coe.engine.outputs import AdapterInfo
 from coe.errors import AdapterError, UnknownModel
@@ -125,11 +125,17 @@ class AdapterRegistry:
         return read_adapter(name, source, self.model.args, max_rank=self.max_lora_rank, dtype=self.model.dtype,
                             base_names=self.base_names, strict_base_model=self.strict_base_model)
 
-    def load(self, name: str, source: str | None = None) -> PackedAdapter:
+    def read_steps(self, name: str, source: str) -> Generator[None, None, PackedAdapter]:
+        """:meth:`read` as a generator of pieces of work (``read_adapter_steps``)."""
+        return read_adapter_steps(name, source, self.model.args, max_rank=self.max_lora_rank, dtype=self.model.dtype,
+                                  base_names=self.base_names, strict_base_model=self.strict_base_model)
+
+    def load(self, name: str, source: str | None = None, read: Callable[[str, str], PackedAdapter] | None = None) -> PackedAdapter:
         """Register (or re-register) and read ``name`` into the CPU tier now.
 
         A new source replaces the old one only once it has loaded cleanly: a failed load leaves
-        the registry as it was.
+        the registry as it was. ``read(name, source)`` reads it (default :meth:`read`; the engine
+        passes ``Scheduler.read_in_pieces``).
         """
         with self._lock:
             e = self._entries.get(name)
@@ -138,7 +144,7 @@ class AdapterRegistry:
                 source = e.source
                 if e.packed is not None:
                     return e.packed
-        packed = self.read(name, str(source))
+        packed = (read or self.read)(name, str(source))
         with self._lock:
             e = self._entries.get(name)
             if e is None or e.removed or e.source != str(source):
@@ -148,14 +154,15 @@ class AdapterRegistry:
             self._set_packed(e, packed)
             return packed
 
-    def ensure_packed(self, name: str) -> PackedAdapter:
-        """The packed copy of a registered adapter, reading it from its source if needed."""
+    def ensure_packed(self, name: str, read: Callable[[str, str], PackedAdapter] | None = None) -> PackedAdapter:
+        """The packed copy of a registered adapter, reading it from its source if needed (with
+        ``read``, as :meth:`load`)."""
         with self._lock:
             e = self._entry(name)
             if e.packed is not None:
                 return e.packed
             source = e.source
-        packed = self.read(name, source)
+        packed = (read or self.read)(name, source)
         with self._lock:
             e = self._entries.get(name)
             if e is not None and not e.removed and e.source == source:

@@ -40,6 +40,7 @@ from coe.engine.batch import build_step
 from coe.engine.kv_cache import KVCache
 from coe.engine.model import Transformer
 from coe.engine.outputs import GenerationOutput, StreamDelta
+from coe.engine.adapters import PackedAdapter
 from coe.engine.registry import AdapterRegistry
 from coe.engine.threads import background_compute, set_foreground_busy
 from coe.engine.request import Request
@@ -118,6 +119,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._isolate: set[Job] = set()  # run alone after a failed shared step
         self._loads: dict[str, Future] = {}
+        self._reads: list[tuple[Any, Future]] = []  # adapter reads run in pieces between steps (read_in_pieces)
         self._draining: dict[str, str] = {}  # victim adapter -> the waiting adapter it makes room for
         # cold loads read adapters here without an OpenMP pool of their own (see coe.engine.threads)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coe-adapter-load", initializer=background_compute)
@@ -219,7 +221,7 @@ class Scheduler:
             while True:
                 with self._cond:
                     while not (self._stop or self._inbox or self._calls or self._running or self._waiting
-                               or self.registry.pending_writes()):
+                               or self._reads or self.registry.pending_writes()):
                         self._cond.wait()
                     if self._stop:
                         break
@@ -227,8 +229,11 @@ class Scheduler:
                     self._inbox.clear()
                     calls = list(self._calls)
                     self._calls.clear()
-                # slot writes under way go on first (see write_budget_s): one a gap begun below
-                # (by a call or by _admit) then takes no second piece in the same gap
+                    reads = list(self._reads)
+                # adapter reads and slot writes under way go on first (see write_budget_s): a write
+                # begun below (by a call or by _admit) then takes no second piece in the same gap
+                if reads:
+                    self._continue_reads(reads, self.write_budget_s())
                 if self.registry.pending_writes():
                     self.registry.continue_writes(self.write_budget_s())
                 for fn, fut in calls:
@@ -255,6 +260,52 @@ class Scheduler:
             self._set_busy(False)
             self._fail_all(EngineUnavailable("the engine stopped before this request finished"))
 
+    def read_in_pieces(self, name: str, source: str) -> PackedAdapter:
+        """Read adapter ``name`` from ``source`` (``AdapterRegistry.read``'s result and errors),
+        from a thread other than the loop's: while the loop runs sequences, only the first piece
+        (resolving the source, the config, opening the weights) runs here and the loop runs the
+        rest between its steps, ``write_budget_s`` a gap; otherwise all of it here.
+
+        Why: a read on a background thread while the loop decodes takes the GIL and a core from
+        the steps in many small bites: on a 2-core Xeon VM a ~15 ms read stretched to 0.5-0.65 s
+        and the slowest step of each load's read was 1.6x the median step (median of 10 loads,
+        scratch ``itlwhere.py``), more than the slot write the step loop already did in pieces."""
+        if threading.current_thread() is self._thread or not self._running:
+            return self.registry.read(name, source)
+        steps = self.registry.read_steps(name, source)
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        fut: Future = Future()
+        with self._cond:
+            if self._stop:
+                steps.close()
+                raise EngineUnavailable("the engine loop has stopped")
+            self._reads.append((steps, fut))
+            self._cond.notify()
+        return fut.result()
+
+    def _continue_reads(self, reads: list[tuple[Any, Future]], budget_s: float | None) -> None:
+        """Run pieces of the reads under way (oldest first) for up to ``budget_s`` seconds (at
+        least one piece; None: to their ends), resolving each finished read's future."""
+        end = None if budget_s is None else time.perf_counter() + budget_s
+        for i, (steps, fut) in enumerate(reads):
+            if i and end is not None and time.perf_counter() >= end:
+                break
+            try:
+                while True:
+                    next(steps)
+                    if end is not None and time.perf_counter() >= end:
+                        break
+                continue
+            except StopIteration as done:
+                fut.set_result(done.value)
+            except BaseException as exc:  # the reader's own errors (AdapterError, ...) go back to it
+                fut.set_exception(exc)
+            with self._cond:
+                self._reads.remove((steps, fut))
+
     def write_budget_s(self) -> float | None:
         """Seconds of adapter-slot writing one gap between steps may take while sequences run
         (``SLOT_WRITE_SLICE_S``), or None (the whole write at once) when none does. Only
@@ -277,6 +328,11 @@ class Scheduler:
             self._stop = True
             calls = list(self._calls)
             self._calls.clear()
+            reads = list(self._reads)
+            self._reads.clear()
+        for steps, fut in reads:
+            steps.close()
+            fut.set_exception(EngineUnavailable("the engine loop stopped before this adapter was read"))
         for job in jobs:
             self._finish(job, exc)
         for _, fut in calls:
@@ -401,7 +457,7 @@ class Scheduler:
 
     def _load_worker(self, name: str) -> None:
         try:
-            self.registry.ensure_packed(name)
+            self.registry.ensure_packed(name, read=self.read_in_pieces)
         finally:
             self._wake()
 

@@ -101,6 +101,9 @@ def background_compute() -> None:
 # 8 groups: 1.2-2.0); the read itself then takes ~0.35-0.5 s instead of ~0.03 s. While the loop
 # is idle the reader never sleeps (cold_load_ms unchanged). Measured with the bench's own
 # _itl_during_load, 10 loads in one process (2-core EPYC).
+# Since 2026-12-08 a read that starts while the loop decodes runs in pieces on the loop itself,
+# between steps (Scheduler.read_in_pieces: no GIL hand-overs at all); these naps remain for reads
+# that start while the loop is idle and overlap the decoding that follows.
 YIELD_S = 0.002
 _local = threading.local()
 _busy_lock = threading.Lock()

@@ -221,22 +221,26 @@ def test_shutdown_lets_in_flight_finish_then_refuses(engine_factory):
 
 
 def test_cold_load_runs_off_the_decode_thread(engine_factory, two_adapters, adapter_factory, monkeypatch):
-    """A slow cold load (0.6 s here) must not stall running streams: they get tokens meanwhile."""
+    """A slow cold load (a disk taking 0.6 s here) must not stall running streams: they get
+    tokens meanwhile, and the disk is read on a thread other than the step loop's (which runs
+    only the read's in-memory pieces, between steps: Scheduler.read_in_pieces)."""
+    from coe.engine import adapters
+
     engine = engine_factory(max_batch=4)
     engine.load_adapter("a", two_adapters["a"])
     want = engine.generate(PROMPTS[0], adapter="a", max_tokens=200, ignore_eos=True).token_ids
     engine.registry.register("slow", str(adapter_factory("slow", r=4, targets="all-linear", seed=71)))
-    real_read = engine.registry.read
+    real_read = adapters.read_file_ahead
     window = {}
 
-    def slow_read(name, source):
+    def slow_disk(path, *args):
         window["start"] = time.monotonic()
+        window["thread"] = threading.current_thread()
         time.sleep(0.6)
-        out = real_read(name, source)
+        real_read(path, *args)
         window["end"] = time.monotonic()
-        return out
 
-    monkeypatch.setattr(engine.registry, "read", slow_read)
+    monkeypatch.setattr(adapters, "read_file_ahead", slow_disk)
     arrivals = []
     running = engine.stream(PROMPTS[0], adapter="a", max_tokens=200, ignore_eos=True)
     next(running)
@@ -248,7 +252,8 @@ def test_cold_load_runs_off_the_decode_thread(engine_factory, two_adapters, adap
             got = item.token_ids
     assert isinstance(list(cold)[-1], GenerationOutput)
     assert got == want
-    assert "start" in window, "the cold adapter was not read through the registry"
+    assert "start" in window, "the cold adapter's file was not read"
+    assert window["thread"] is not engine.scheduler._thread
     during = [t for t in arrivals if window["start"] < t < window["end"]]
     assert len(during) >= 5, f"only {len(during)} tokens arrived during a 0.6 s cold load"
 
@@ -313,9 +318,9 @@ def test_a_cold_adapter_is_written_a_piece_per_step_while_streams_run(engine_fac
     resident."""
     from coe.engine import scheduler as sched
 
-    engine = engine_factory(max_batch=4)
+    engine = engine_factory(max_batch=4, max_seq_len=512)
     engine.load_adapter("a", two_adapters["a"])
-    want = engine.generate(PROMPTS[0], adapter="a", max_tokens=120, ignore_eos=True).token_ids
+    want = engine.generate(PROMPTS[0], adapter="a", max_tokens=480, ignore_eos=True).token_ids
     cold = adapter_factory("cold", r=8, targets="all-linear", seed=70)
     engine.load_adapter("cold", cold)  # nothing running: written at once
     cold_want = engine.generate(PROMPTS[2], adapter="cold", max_tokens=8).token_ids
@@ -329,7 +334,7 @@ def test_a_cold_adapter_is_written_a_piece_per_step_while_streams_run(engine_fac
         return real_write(*args)
 
     monkeypatch.setattr(reg, "_write_layer", spy)
-    running = engine.stream(PROMPTS[0], adapter="a", max_tokens=120, ignore_eos=True)
+    running = engine.stream(PROMPTS[0], adapter="a", max_tokens=480, ignore_eos=True)
     next(running)
     if how == "load_adapter":
         info = engine.load_adapter("cold", cold)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -92,9 +94,11 @@ def test_background_readers_yield_only_while_a_decode_loop_runs(monkeypatch):
     assert not threads.foreground_busy()
 
 
-def test_engine_loop_reports_busy_while_running_and_reads_yield(engine_factory, adapter_factory, monkeypatch):
-    """While sequences decode, the loop is reported busy (adapter reads then yield the GIL), and
-    idle again when they finish; a read during decoding naps between its tensors."""
+def test_engine_loop_reports_busy_while_running_and_reads_in_pieces(engine_factory, adapter_factory, monkeypatch):
+    """While sequences decode, the loop is reported busy (a background reader then naps between
+    its tensors), and idle again when they finish; a read during decoding runs its first piece
+    (the disk) on the reader's thread and every other piece on the loop thread, between steps
+    (Scheduler.read_in_pieces), so the reader never naps."""
     import time
 
     from coe.engine import threads
@@ -104,6 +108,20 @@ def test_engine_loop_reports_busy_while_running_and_reads_yield(engine_factory, 
     path = adapter_factory("late", r=4)
     assert not threads.foreground_busy()
     seen = []
+    pieces: list[str] = []
+    real_steps = engine.registry.read_steps
+
+    def traced_steps(name, source):
+        gen = real_steps(name, source)
+        while True:
+            pieces.append(threading.current_thread().name)
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+            yield
+
+    monkeypatch.setattr(engine.registry, "read_steps", traced_steps)
     stream = engine.stream("one two three", adapter=None, max_tokens=200, ignore_eos=True)
     naps: list[float] = []
     sleep = time.sleep
@@ -111,8 +129,12 @@ def test_engine_loop_reports_busy_while_running_and_reads_yield(engine_factory, 
     for item in stream:
         if isinstance(item, StreamDelta) and not seen:
             seen.append(threads.foreground_busy())
-            engine.load_adapter("late", path)  # read on a background thread while the stream decodes
-    assert seen == [True] and naps and set(naps) == {threads.YIELD_S}
+            engine.load_adapter("late", path)  # read while the stream decodes
+            assert engine.registry.slot_of("late") is not None
+    loop = engine.scheduler._thread.name
+    assert seen == [True] and len(pieces) > 2
+    assert pieces[0] != loop and set(pieces[1:]) == {loop}, pieces
+    assert threads.YIELD_S not in naps
     deadline = time.monotonic() + 5
     while threads.foreground_busy() and time.monotonic() < deadline:
         time.sleep(0.01)
