@@ -267,9 +267,11 @@ class Scheduler:
         rest between its steps, ``write_budget_s`` a gap; otherwise all of it here.
 
         Why: a read on a background thread while the loop decodes takes the GIL and a core from
-        the steps in many small bites: on a 2-core Xeon VM a ~15 ms read stretched to 0.5-0.65 s
-        and the slowest step of each load's read was 1.6x the median step (median of 10 loads,
-        scratch ``itlwhere.py``), more than the slot write the step loop already did in pieces."""
+        the steps in many small bites (on two cores there is no idle core to run it on). On a
+        2-core Xeon VM, 8 streams, 10 loads each way alternating in one engine (scratch
+        ``itlwhere.py``): the read took 530-660 ms on a background thread, 224-452 ms in pieces,
+        and the p99 gap of a load's window over the median gap went from 1.57 to 1.37 (medians
+        over the loads), with the slot write in pieces too (its worst gap 1.52 -> 1.13)."""
         if threading.current_thread() is self._thread or not self._running:
             return self.registry.read(name, source)
         steps = self.registry.read_steps(name, source)
