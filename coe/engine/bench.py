@@ -327,12 +327,7 @@ def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Pa
     all_after: list[float] = []
     windows, per_load, wrote = [], [], []
     for _ in range(max(1, loads)):
-        n = max(new_tokens, 64)
-        for _ in range(3):
-            gaps, during, window, after, wrote_slot = _itl_run(engine, prompts, names, cold, n)
-            if during:
-                break
-            n *= 4
+        gaps, during, window, after, wrote_slot = _itl_run_overlapping(engine, prompts, names, cold, new_tokens)
         all_gaps += gaps
         all_during += during
         all_after += after
@@ -347,6 +342,19 @@ def _itl_during_load(engine: Any, prompts: list[str], names: list[str], cold: Pa
             "itl_p99_after_load_ratio": p99_after / med, "itl_loads": len(windows),
             "itl_p99_during_load_ratio_per_load": per_load, "load_window_ms": _median(windows) * 1e3,
             "itl_load_wrote_slot": all(wrote)}
+
+
+def _itl_run_overlapping(engine: Any, prompts: list[str], names: list[str], cold: Path,
+                         new_tokens: int) -> tuple[list[float], list[float], float, list[float], bool]:
+    """:func:`_itl_run` with at least 64 tokens, repeated with 4x the tokens (up to twice) where
+    the streams ended before the load began (no gap overlaps it: a tiny model on a fast machine)."""
+    n = max(new_tokens, 64)
+    for _ in range(3):
+        run = _itl_run(engine, prompts, names, cold, n)
+        if run[1]:
+            break
+        n *= 4
+    return run
 
 
 def _p99(xs: list[float]) -> float:
@@ -648,6 +656,48 @@ def phase_times(model: str | None = None, *, threads: int = 2, new_tokens: int =
             "ratios": {"uniform16/base16": ratio("uniform16", "base16"), "mixed16/uniform16": ratio("mixed16", "uniform16")}}
 
 
+def load_times(model: str | None = None, *, threads: int = 2, loads: int = 10, new_tokens: int = 64, streams: int = 8,
+               log: Any = print) -> dict[str, Any]:
+    """How a cold adapter load disturbs running streams, the engine's way against the earlier one,
+    alternating load by load in one engine: ``pieces`` (the read's in-memory part and the slot
+    write in ~4 ms pieces between steps: ``coe.engine.scheduler.READ_IN_PIECES`` and
+    ``SLOT_WRITE_SLICE_S``) and ``whole`` (the read on its own thread, the write in one gap).
+    Each load is :func:`run`'s ITL case (``streams`` streams on 4 adapters, the load once they
+    have a quarter of their tokens); per load, the p99 of the gaps overlapping it and their
+    largest, over that run's median gap, and the load's milliseconds; the medians over the
+    loads per way."""
+    from coe.engine import scheduler
+
+    engine, names, paths, tmp = _engine_with_adapters(model, threads, max_batch=max(streams, 2),
+                                                      max_seq_len=PROMPT_TOKENS + new_tokens + 64, cold=1)
+    prompts = _prompts(engine.tokenizer, streams)
+    stream_names = [names[i % max(1, NUM_ADAPTERS // 2)] for i in range(streams)]
+    engine.unload_adapter(names[-1])  # a free slot for the cold adapter, as in run()
+    ways = {"pieces": (scheduler.SLOT_WRITE_SLICE_S, True), "whole": (None, False)}
+    per: dict[str, dict[str, list[float]]] = {w: {"p99": [], "max": [], "ms": []} for w in ways}
+    try:
+        for i in range(loads):
+            for way in (("pieces", "whole") if i % 2 == 0 else ("whole", "pieces")):
+                scheduler.SLOT_WRITE_SLICE_S, scheduler.READ_IN_PIECES = ways[way]
+                gaps, during, window, _, wrote = _itl_run_overlapping(engine, prompts, stream_names, paths[-1], new_tokens)
+                if not (during and wrote):
+                    raise RuntimeError(f"load {i + 1} ({way}) " + ("overlapped no stream's gap" if wrote else "wrote no slot"))
+                med = _median(gaps)
+                per[way]["p99"].append(_p99(during) / med)
+                per[way]["max"].append(max(during) / med)
+                per[way]["ms"].append(window * 1e3)
+            log(f"load {i + 1}/{loads}: " + ", ".join(f"{w} p99 {v['p99'][-1]:.2f}x" for w, v in per.items() if v["p99"]))
+    finally:
+        scheduler.SLOT_WRITE_SLICE_S, scheduler.READ_IN_PIECES = ways["pieces"]
+        engine.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out: dict[str, Any] = {"loads": loads, "streams": streams, "threads": threads}
+    for way, v in per.items():
+        out[way] = {"p99_over_median": round(_median(v["p99"]), 3), "max_over_median": round(_median(v["max"]), 3),
+                    "load_ms": round(_median(v["ms"]), 1), "per_load_p99_over_median": [round(x, 3) for x in v["p99"]]}
+    return out
+
+
 def kernel_times(model: str | None = None, *, threads: int = 2, iterations: int = 20, rows: int = 16, rank: int = RANK,
                  log: Any = print) -> dict[str, Any]:
     """Milliseconds of one step's worth of the fused block kernel alone (``coe.engine.quantized``):
@@ -776,7 +826,7 @@ def main(args: Any) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --phases | --kernel]
+if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --phases | --kernel | --loads N]
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -794,12 +844,15 @@ if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --
     ap.add_argument("--rounds", type=int, default=None, help="rounds of --phases (5) or iterations of --steps (15) / --kernel (20)")
     ap.add_argument("--rows", type=int, default=16, help="rows of --kernel's calls (default 16)")
     ap.add_argument("--rank", type=int, default=RANK, help="the adapters' rank in --kernel (default 16)")
+    ap.add_argument("--loads", type=int, default=None, help="time N cold loads each way under running streams instead (load_times)")
     a = ap.parse_args()
-    if a.steps or a.phases or a.kernel:
-        fn = step_times if a.steps else phase_times if a.phases else kernel_times
-        more = {} if a.rounds is None else {"repeats" if a.phases else "iterations": a.rounds}
+    if a.steps or a.phases or a.kernel or a.loads:
+        fn = step_times if a.steps else phase_times if a.phases else kernel_times if a.kernel else load_times
+        more = {} if a.rounds is None or a.loads else {"repeats" if a.phases else "iterations": a.rounds}
         if a.kernel:
             more.update(rows=a.rows, rank=a.rank)
+        if a.loads:
+            more.update(loads=a.loads)
         out = fn(a.model, threads=a.threads, log=lambda m: print(m, file=sys.stderr), **more)
         print(json.dumps(out, indent=2))
         if a.json:

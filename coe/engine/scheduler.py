@@ -65,7 +65,11 @@ BASE = "<base>"  # stats key for requests on the base model
 # (~35 ms there); in 4 ms pieces, ~1 ms a layer, it takes ~8 gaps and adds at most ~5 ms to any
 # one of them. A request for that adapter waits those few steps longer; with nothing running
 # the write is done at once.
-SLOT_WRITE_SLICE_S = 0.004
+SLOT_WRITE_SLICE_S: float | None = 0.004
+# Adapter reads that start while sequences run go in pieces on the loop too (read_in_pieces).
+# Both flags so that a benchmark can compare both ways (python -m coe.engine.bench --loads):
+# None / False is the earlier design, the whole write in one gap and the read on its thread.
+READ_IN_PIECES = True
 
 
 class Job:
@@ -272,7 +276,7 @@ class Scheduler:
         ``itlwhere.py``): the read took 530-660 ms on a background thread, 224-452 ms in pieces,
         and the p99 gap of a load's window over the median gap went from 1.57 to 1.37 (medians
         over the loads), with the slot write in pieces too (its worst gap 1.52 -> 1.13)."""
-        if threading.current_thread() is self._thread or not self._running:
+        if not READ_IN_PIECES or threading.current_thread() is self._thread or not self._running:
             return self.registry.read(name, source)
         steps = self.registry.read_steps(name, source)
         try:
@@ -312,7 +316,7 @@ class Scheduler:
         """Seconds of adapter-slot writing one gap between steps may take while sequences run
         (``SLOT_WRITE_SLICE_S``), or None (the whole write at once) when none does. Only
         between steps of the loop thread (``Engine.load_adapter``'s activation also asks here)."""
-        return SLOT_WRITE_SLICE_S if self._running else None
+        return SLOT_WRITE_SLICE_S if self._running else None  # (None also where the flag is None)
 
     def _set_busy(self, busy: bool) -> None:
         """Tell ``coe.engine.threads`` whether this loop runs sequences (on changes only): adapter

@@ -187,3 +187,15 @@ def test_cli_passes_the_fused_lora_dtype():
     assert p.parse_args(["bench", "engine", "--fused-lora-dtype", "bfloat16"]).fused_lora_dtype == "bfloat16"
     with pytest.raises(SystemExit):
         p.parse_args(["bench", "engine", "--fused-lora-dtype", "fp8"])
+
+
+def test_load_times_compares_both_ways_and_restores_the_flags(tiny_dir):
+    from coe.engine import scheduler
+
+    before = (scheduler.SLOT_WRITE_SLICE_S, scheduler.READ_IN_PIECES)
+    res = bench.load_times(str(tiny_dir), threads=1, loads=2, new_tokens=8, streams=2, log=lambda m: None)
+    assert (scheduler.SLOT_WRITE_SLICE_S, scheduler.READ_IN_PIECES) == before
+    for way in ("pieces", "whole"):
+        assert res[way]["load_ms"] > 0 and res[way]["p99_over_median"] > 0
+        assert res[way]["max_over_median"] >= res[way]["p99_over_median"]
+        assert len(res[way]["per_load_p99_over_median"]) == 2
