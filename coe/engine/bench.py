@@ -157,6 +157,22 @@ def _median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | No
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def pool_runs(paths: list[str | Path]) -> dict[str, Any]:
+    """The engine-only ratios over the rounds of several ``coe bench engine --json`` files pooled
+    (their ``ratio_round_seconds``), with :func:`_spread`'s quartiles and 95% confidence interval:
+    one run's interval is often wider than the distance between its median and the goal."""
+    rounds: dict[str, list[float]] = {"mixed16": [], "uniform16": [], "base16": []}
+    for p in paths:
+        got = json.loads(Path(p).read_text()).get("ratio_round_seconds")
+        if not got or any(k not in got for k in rounds):
+            raise ValueError(f"{p}: no ratio_round_seconds with {', '.join(rounds)}; expected a coe bench engine --json file")
+        for k in rounds:
+            rounds[k] += got[k]
+    return {"runs": [str(p) for p in paths], "ratio_rounds": len(rounds["base16"]),
+            "lora_vs_base_ratio": _spread(rounds["base16"], rounds["uniform16"]),
+            "heterogeneity_ratio": _spread(rounds["uniform16"], rounds["mixed16"])}
+
+
 def lora_mac_share(args: Any, rank: int, prompt_tokens: list[int], new_tokens: int) -> dict[str, float]:
     """The multiply-adds of a 16-request case's LoRA against those of its base model, from the
     model's shapes: ``lora_mac_share`` = (every token's r x (d_in + d_out) per all-linear
@@ -826,7 +842,7 @@ def main(args: Any) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --phases | --kernel | --loads N]
+if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --phases | --kernel | --loads N | --pool JSON...]
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -845,7 +861,11 @@ if __name__ == "__main__":  # python -m coe.engine.bench [--quick | --steps | --
     ap.add_argument("--rows", type=int, default=16, help="rows of --kernel's calls (default 16)")
     ap.add_argument("--rank", type=int, default=RANK, help="the adapters' rank in --kernel (default 16)")
     ap.add_argument("--loads", type=int, default=None, help="time N cold loads each way under running streams instead (load_times)")
+    ap.add_argument("--pool", nargs="+", default=None, metavar="JSON", help="pool the ratio rounds of these --json files instead (pool_runs)")
     a = ap.parse_args()
+    if a.pool:
+        print(json.dumps(pool_runs(a.pool), indent=2))
+        sys.exit(0)
     if a.steps or a.phases or a.kernel or a.loads:
         fn = step_times if a.steps else phase_times if a.phases else kernel_times if a.kernel else load_times
         more = {} if a.rounds is None or a.loads else {"repeats" if a.phases else "iterations": a.rounds}

@@ -199,3 +199,20 @@ def test_load_times_compares_both_ways_and_restores_the_flags(tiny_dir):
         assert res[way]["load_ms"] > 0 and res[way]["p99_over_median"] > 0
         assert res[way]["max_over_median"] >= res[way]["p99_over_median"]
         assert len(res[way]["per_load_p99_over_median"]) == 2
+
+
+def test_pool_runs_pools_the_ratio_rounds_of_several_files(tmp_path):
+    runs = []
+    for i, (m, u, b) in enumerate([([1.0, 1.1], [1.0, 1.0], [0.9, 0.95]), ([1.2], [1.1], [1.0])]):
+        p = tmp_path / f"r{i}.json"
+        p.write_text(json.dumps({"ratio_round_seconds": {"mixed16": m, "uniform16": u, "base16": b}}))
+        runs.append(p)
+    res = bench.pool_runs(runs)
+    assert res["ratio_rounds"] == 3
+    # per round base16 / uniform16: 0.9, 0.95, 1 / 1.1; uniform16 / mixed16: 1, 1 / 1.1, 1.1 / 1.2
+    assert res["lora_vs_base_ratio"]["median"] == pytest.approx(1 / 1.1, abs=1e-4)
+    assert res["heterogeneity_ratio"]["median"] == pytest.approx(1.1 / 1.2, abs=1e-4)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="bad.json: no ratio_round_seconds"):
+        bench.pool_runs([bad])
