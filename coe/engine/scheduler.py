@@ -267,15 +267,16 @@ class Scheduler:
     def read_in_pieces(self, name: str, source: str) -> PackedAdapter:
         """Read adapter ``name`` from ``source`` (``AdapterRegistry.read``'s result and errors),
         from a thread other than the loop's: while the loop runs sequences, only the first piece
-        (resolving the source, the config, opening the weights) runs here and the loop runs the
-        rest between its steps, ``write_budget_s`` a gap; otherwise all of it here.
+        (resolving the source, the config, reading the file through, opening it) runs here, so
+        the loop never waits on the disk, and the loop runs the rest (parsing from memory,
+        checks, packing) between its steps, ``write_budget_s`` a gap; otherwise all of it here.
 
         Why: a read on a background thread while the loop decodes takes the GIL and a core from
         the steps in many small bites (on two cores there is no idle core to run it on). On a
-        2-core Xeon VM, 8 streams, 10 loads each way alternating in one engine (scratch
-        ``itlwhere.py``): the read took 530-660 ms on a background thread, 224-452 ms in pieces,
-        and the p99 gap of a load's window over the median gap went from 1.57 to 1.37 (medians
-        over the loads), with the slot write in pieces too (its worst gap 1.52 -> 1.13)."""
+        2-core Xeon VM (``python -m coe.engine.bench --loads 10``: 8 streams, 10 loads each way
+        alternating in one engine, with the slot write in pieces or whole to match), the p99
+        gap of a load's window over the median gap was 1.31 in pieces (each load 1.11-1.56)
+        against 1.64 (1.37-2.66), and a load's window 511 ms against 670."""
         if not READ_IN_PIECES or threading.current_thread() is self._thread or not self._running:
             return self.registry.read(name, source)
         steps = self.registry.read_steps(name, source)
