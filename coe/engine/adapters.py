@@ -196,14 +196,15 @@ def read_adapter(name: str, source: str, args: ModelArgs, *, max_rank: int, dtyp
 
 def read_adapter_steps(name: str, source: str, args: ModelArgs, *, max_rank: int, dtype: torch.dtype,
                        base_names: tuple[str, ...] = (), strict_base_model: bool = False,
-                       revision: str | None = None) -> Generator[None, None, PackedAdapter]:
+                       revision: str | None = None, read_ahead: bool = False) -> Generator[None, None, PackedAdapter]:
     """Read, validate and pack one adapter into CPU memory, as a generator that stops between
     pieces of work (every 8 tensors read, every 2 fused groups packed, each finiteness check:
     well under a millisecond each for SmolLM2 at r=16) and returns the packed adapter. The first
-    piece resolves the source (a hub id is downloaded there), reads the config, reads the weights
-    file through (:func:`read_file_ahead`: all of the disk's part) and opens it; the engine's step
-    loop can run the others, memory and arithmetic only, between its steps
-    (``Scheduler.read_in_pieces``).
+    piece resolves the source (a hub id is downloaded there), reads the config and opens the
+    weights; with ``read_ahead`` it also reads the weights file through (:func:`read_file_ahead`:
+    all of the disk's part), so that the engine's step loop can run the other pieces, memory and
+    arithmetic only, between its steps (``Scheduler.read_in_pieces``). Without it (a read run to
+    its end on one thread, :func:`read_adapter`) the file is read once, as it is used.
 
     Args:
         name: the registry name (used in every error message).
@@ -232,7 +233,8 @@ def read_adapter_steps(name: str, source: str, args: ModelArgs, *, max_rank: int
         raise AdapterError(name, f"{path} has no {WEIGHTS_FILE}; expected the PEFT adapter weights next to {CONFIG_FILE}")
     _check_targets(name, cfg, args)
     _check_base_model(name, cfg.get("base_model_name_or_path"), base_names, strict_base_model)
-    read_file_ahead(weights)  # the disk's part, in the first piece (the caller's thread)
+    if read_ahead:
+        read_file_ahead(weights)  # the disk's part, in the first piece (the caller's thread)
 
     from safetensors import safe_open
 

@@ -168,9 +168,16 @@ def pool_runs(paths: list[str | Path]) -> dict[str, Any]:
             raise ValueError(f"{p}: no ratio_round_seconds with {', '.join(rounds)}; expected a coe bench engine --json file")
         for k in rounds:
             rounds[k] += got[k]
-    return {"runs": [str(p) for p in paths], "ratio_rounds": len(rounds["base16"]),
-            "lora_vs_base_ratio": _spread(rounds["base16"], rounds["uniform16"]),
-            "heterogeneity_ratio": _spread(rounds["uniform16"], rounds["mixed16"])}
+    return {"runs": [str(p) for p in paths], "ratio_rounds": len(rounds["base16"]), **_ratio_spreads(rounds)}
+
+
+# The engine-only ratios: (numerator case, denominator case) of each rate ratio (den's time / num's).
+RATIO_CASES = {"heterogeneity_ratio": ("mixed16", "uniform16"), "lora_vs_base_ratio": ("uniform16", "base16")}
+
+
+def _ratio_spreads(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """:func:`_spread` of each engine-only ratio over the rounds' times per case."""
+    return {k: _spread(times[den], times[num]) for k, (num, den) in RATIO_CASES.items()}
 
 
 def lora_mac_share(args: Any, rank: int, prompt_tokens: list[int], new_tokens: int) -> dict[str, float]:
@@ -531,9 +538,7 @@ def run(model: str | None = None, *, threads: int = 2, new_tokens: int = 64, dev
     res["heterogeneity_ratio"] = ratio("mixed16", "uniform16", ratio_times)
     res["lora_vs_base_ratio"] = ratio("uniform16", "base16", ratio_times)
     res["ratio_rounds"] = len(ratio_times["base16"])
-    res["ratio_spread"] = {k: _spread(ratio_times[den], ratio_times[num])
-                           for k, (num, den) in {"heterogeneity_ratio": ("mixed16", "uniform16"),
-                                                 "lora_vs_base_ratio": ("uniform16", "base16")}.items()}
+    res["ratio_spread"] = _ratio_spreads(ratio_times)
     if not skip_peft:
         res["peft_single_stream_tok_s"] = rate["peft_single"]
         res["peft_single_stream_base_tok_s"] = rate["peft_single_base"]

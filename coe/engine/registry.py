@@ -21,8 +21,8 @@ slot is then reserved for the adapter (no other adapter takes it, no step reads 
 adapter is not resident (``slot_of`` is None) until its last layer is written; the step loop
 goes on with ``continue_writes``. Why: copying an r=16 all-linear adapter into a slot takes one
 pass over ~30 MB (its float32 stacks and their float16 copies, 21-49 ms on a 2-core Xeon VM), as
-long as a 16-row decode step there, and written in one gap it doubled one inter-token latency of
-every running stream.
+long as a 16-row decode step there, and written in one gap it lengthened that gap by about half
+for every running stream.
 
 This module knows nothing about requests or HTTP; ``adapters.py`` does the reading.
 """
@@ -87,7 +87,6 @@ class AdapterRegistry:
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
         self._written = threading.Condition(self._lock)  # notified when a write ends (done or called off)
-        self._writes: list[_Entry] = []  # writes under way, oldest first
         self.generation = 0  # bumped whenever slots change (for tests and stats)
 
     # ------------------------------------------------------------------ names
@@ -126,9 +125,10 @@ class AdapterRegistry:
                             base_names=self.base_names, strict_base_model=self.strict_base_model)
 
     def read_steps(self, name: str, source: str) -> Generator[None, None, PackedAdapter]:
-        """:meth:`read` as a generator of pieces of work (``read_adapter_steps``)."""
+        """:meth:`read` as a generator of pieces of work, the file read through in the first
+        (``read_adapter_steps`` with ``read_ahead``)."""
         return read_adapter_steps(name, source, self.model.args, max_rank=self.max_lora_rank, dtype=self.model.dtype,
-                                  base_names=self.base_names, strict_base_model=self.strict_base_model)
+                                  base_names=self.base_names, strict_base_model=self.strict_base_model, read_ahead=True)
 
     def load(self, name: str, source: str | None = None, read: Callable[[str, str], PackedAdapter] | None = None) -> PackedAdapter:
         """Register (or re-register) and read ``name`` into the CPU tier now.
@@ -258,17 +258,21 @@ class AdapterRegistry:
             e = self._entries.get(name)
             return e is not None and not e.removed and e.writing is not None
 
+    def _writes(self) -> list[_Entry]:
+        """The writes under way: entries holding a slot they are still writing."""
+        return [e for e in self._slots if e is not None and e.writing is not None]
+
     def pending_writes(self) -> bool:
         with self._lock:
-            return bool(self._writes)
+            return bool(self._writes())
 
     def continue_writes(self, budget_s: float | None = None) -> list[str]:
-        """Go on with the writes under way, oldest first, for up to ``budget_s`` seconds (at
+        """Go on with the writes under way, in slot order, for up to ``budget_s`` seconds (at
         least one layer; None: to their end). Returns the adapters that became resident."""
         done: list[str] = []
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         with self._lock:
-            for i, e in enumerate(list(self._writes)):
+            for i, e in enumerate(self._writes()):
                 if i and deadline is not None and time.perf_counter() >= deadline:
                     break
                 left = None if deadline is None else max(0.0, deadline - time.perf_counter())
@@ -285,11 +289,10 @@ class AdapterRegistry:
     def _begin_write(self, e: _Entry, slot: int) -> None:
         """Reserve ``slot`` for ``e`` (no longer free, never evictable, read by no step) and
         start its write at layer 0."""
-        self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in e.packed.layers])
+        self._set_groups(slot, e.packed)
         e.writing, e.write_layer, e.write_fused = slot, 0, True
         self._slots[slot] = e
         self._cpu_lru.pop(e.name, None)  # held by its slot from now on, never trimmed
-        self._writes.append(e)
 
     def _write_some(self, e: _Entry, budget_s: float | None) -> int | None:
         """Copy layers of ``e``'s write (at least one; all of them when ``budget_s`` is None);
@@ -303,9 +306,7 @@ class AdapterRegistry:
                 break
         if e.write_layer < len(layers):
             return None
-        self.model.set_slot_fused(slot, e.write_fused)
-        if not e.write_fused:
-            self._warn_unfused(e.name)
+        self._set_fused(slot, e.write_fused, e.name)
         e.slot = slot
         e.last_used = next(self._clock)
         self._end_write(e)
@@ -315,7 +316,6 @@ class AdapterRegistry:
 
     def _end_write(self, e: _Entry) -> None:
         e.writing = None
-        self._writes = [w for w in self._writes if w is not e]
         self._written.notify_all()
 
     def _ensure_rank(self, rank: int) -> None:
@@ -326,8 +326,6 @@ class AdapterRegistry:
         model.allocate_lora(self.max_loras, max(rank, model.lora_rank))
         for i, e in enumerate(self._slots):
             if e is not None and e.writing is not None:  # the new stacks hold none of it: start again
-                self._end_write(e)
-                self._slots[i] = None
                 self._begin_write(e, i)
             elif e is not None:
                 self._write_slot(i, e.packed)
@@ -344,19 +342,23 @@ class AdapterRegistry:
         it runs, so the extra concurrency bought nothing measurable and was not kept. A write
         spread over the gaps between steps (``activate``'s ``budget_s``) is what the step loop does
         now."""
-        self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in packed.layers])
+        self._set_groups(slot, packed)
         fused = True
         for li, groups in enumerate(packed.layers):
             fused &= self._write_layer(slot, li, groups, packed.rank)
+        self._set_fused(slot, fused, packed.name)
+
+    def _set_groups(self, slot: int, packed: PackedAdapter) -> None:
+        """Tell the model which fused groups of each layer ``packed`` (written into ``slot``) has."""
+        self.model.set_slot_groups(slot, [sum(GROUP_BITS[g] for g in groups) for groups in packed.layers])
+
+    def _set_fused(self, slot: int, fused: bool, name: str) -> None:
+        """Tell the model whether ``slot``'s adapter (all of it written) may run in the fused kernel."""
         self.model.set_slot_fused(slot, fused)
         if not fused:
-            self._warn_unfused(packed.name)
-
-    @staticmethod
-    def _warn_unfused(name: str) -> None:
-        logger.warning("adapter %r has LoRA A or B weights beyond float16's range (|value| > 65504): its decode "
-                       "steps skip the fused block kernel, which reads float16 copies of A and B, and run the "
-                       "slower float32 path", name)
+            logger.warning("adapter %r has LoRA A or B weights beyond float16's range (|value| > 65504): its decode "
+                           "steps skip the fused block kernel, which reads float16 copies of A and B, and run the "
+                           "slower float32 path", name)
 
     @torch.inference_mode()
     def _write_layer(self, slot: int, li: int, groups: dict, r: int) -> bool:
